@@ -1,0 +1,73 @@
+"""The one place that picks a backend for fastswav's ops.
+
+``FASTSWAV_BACKEND`` forces a choice for debugging: ``reference`` (pure PyTorch, runs
+anywhere) or ``fused`` (fails loudly where the fused path cannot run); unset or ``auto``
+picks the fused path on CUDA when it is available, and the reference elsewhere.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("fastswav")
+
+BACKEND_ENV = "FASTSWAV_BACKEND"
+_CHOICES = ("auto", "reference", "fused")
+
+
+def requested_backend() -> str:
+    value = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if value not in _CHOICES:
+        raise ValueError(f"{BACKEND_ENV}={value!r}: expected one of {', '.join(_CHOICES)}")
+    return value
+
+
+def fused_loss_available(device: torch.device) -> bool:
+    """Whether the fused (Triton) SwAV loss can run on ``device``."""
+    if device.type != "cuda":
+        return False
+    try:
+        from fastswav.ops import fused_loss  # noqa: F401  (added by the fused-loss work)
+    except ImportError:
+        return False
+    return fused_loss.is_available()
+
+
+_warned = set()
+
+
+def loss_backend(device: torch.device) -> str:
+    """``"fused"`` or ``"reference"`` for a loss computed on ``device``."""
+    want = requested_backend()
+    if want == "reference":
+        return "reference"
+    if fused_loss_available(device):
+        return "fused"
+    if want == "fused":
+        raise RuntimeError(
+            f"{BACKEND_ENV}=fused but the fused SwAV loss cannot run on {device} "
+            "(needs CUDA and Triton)"
+        )
+    if device.type == "cuda" and "loss" not in _warned:
+        _warned.add("loss")
+        log.warning("fused SwAV loss unavailable on %s; using the PyTorch reference", device)
+    return "reference"
+
+
+def queue_extension():
+    """The compiled ``fastswav._C`` module when it loads and may be used, else None.
+
+    Logs one line the first time it falls back to the reference ring buffer.
+    """
+    if requested_backend() == "reference":
+        return None
+    try:
+        from fastswav import _C  # built from csrc/ by setup.py when a compiler is present
+    except ImportError as exc:
+        if "queue" not in _warned:
+            _warned.add("queue")
+            log.info("fastswav._C not available (%s); feature queue uses the PyTorch reference", exc)
+        return None
+    return _C
