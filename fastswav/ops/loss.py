@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .sinkhorn import sinkhorn_knopp
+from .sinkhorn import accumulation_dtype, sinkhorn_knopp
 
 
 def check_crop_layout(n_rows: int, n_crops: int, crops_for_assign: Sequence[int]) -> int:
@@ -64,12 +64,12 @@ def swapped_prediction_loss(
         raise ValueError(
             f"codes must be [{len(crops_for_assign)}, {batch}, {n_protos}], got {tuple(codes.shape)}"
         )
-    log_p = F.log_softmax(scores.float() / temperature, dim=1).view(n_crops, batch, n_protos)
+    log_p = F.log_softmax(scores.to(accumulation_dtype(scores)) / temperature, dim=1).view(n_crops, batch, n_protos)
     log_p_all = log_p.sum(dim=0)  # [B, K]: sum over every crop, then remove the crop itself
-    total = scores.new_zeros((), dtype=torch.float32)
+    total = log_p.new_zeros(())
     for i, crop in enumerate(crops_for_assign):
         others = log_p_all - log_p[crop]
-        total = total - (codes[i].float() * others).sum() / (batch * (n_crops - 1))
+        total = total - (codes[i].to(log_p.dtype) * others).sum() / (batch * (n_crops - 1))
     return total / len(crops_for_assign)
 
 
@@ -131,7 +131,7 @@ def swav_loss_reference(
         queue_valid: optional 0-dim 0/1 tensor: whether the queue is used yet.
 
     Returns:
-        scalar float32 loss.
+        scalar float32 loss (float64 for float64 embeddings).
     """
     if embeddings.dim() != 2 or prototypes.dim() != 2:
         raise ValueError("embeddings must be [n_crops*B, D] and prototypes [K, D]")
@@ -139,8 +139,9 @@ def swav_loss_reference(
         raise ValueError(
             f"embedding dim {embeddings.shape[1]} != prototype dim {prototypes.shape[1]}"
         )
-    z = F.normalize(embeddings.float(), dim=1)
-    c = straight_through_normalize(prototypes.float())
+    acc = accumulation_dtype(embeddings)
+    z = F.normalize(embeddings.to(acc), dim=1)
+    c = straight_through_normalize(prototypes.to(acc))
     scores = z @ c.t()
     queue_scores = None
     if queue is not None:
@@ -149,7 +150,7 @@ def swav_loss_reference(
                 f"queue must be [{len(crops_for_assign)}, L, {z.shape[1]}], got {tuple(queue.shape)}"
             )
         with torch.no_grad():
-            queue_scores = F.normalize(queue.float(), dim=2) @ c.detach().t()
+            queue_scores = F.normalize(queue.to(acc), dim=2) @ c.detach().t()
     codes = assignment_codes(
         scores, n_crops, crops_for_assign, epsilon, sinkhorn_iterations,
         queue_scores=queue_scores, queue_valid=queue_valid, group=group,

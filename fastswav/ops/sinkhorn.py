@@ -6,10 +6,13 @@ normalised to total mass 1, then ``n_iters`` times each prototype row is scaled 
 finally the columns are scaled to sum to 1 and Q is returned sample-major.
 
 Two deliberate, exact-in-real-arithmetic changes keep it safe in low precision:
-- scores are upcast to float32 and each prototype row is shifted by its maximum (taken
+- scores are upcast to float32 (float64 stays) and each prototype row is shifted by its maximum (taken
   over all processes) before exp. A per-row factor cancels exactly in the first row
   normalisation, so the result is unchanged, but exp never overflows and every row keeps
-  at least one entry equal to 1;
+  at least one entry equal to 1 (with ``n_iters=0`` the shift is one global maximum);
+  A sample whose scores all lie more than ~87*eps below every prototype's maximum
+  underflows to a zero row (never NaN); with cosine scores (|s| <= 1) and eps >= 0.025
+  that cannot happen;
 - an optional 0/1 ``sample_weight`` removes samples (an unfilled queue) without a host
   synchronisation: removed samples carry no mass and count nothing towards B.
 """
@@ -23,6 +26,11 @@ import torch.distributed as dist
 
 def _dist_active(group) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float64 stays float64 (for checks); every other float type accumulates in float32."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 def all_reduce_(tensor: torch.Tensor, op=None, group=None) -> torch.Tensor:
@@ -54,7 +62,7 @@ def sinkhorn_knopp(
             torch.distributed is initialised).
 
     Returns:
-        ``[N, K]`` float32 codes; each row of a participating sample sums to 1, and over
+        ``[N, K]`` float32 codes (float64 for float64 scores); each row of a participating sample sums to 1, and over
         all processes each prototype receives total mass B/K.
     """
     if scores.dim() != 2:
@@ -63,10 +71,10 @@ def sinkhorn_knopp(
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
     if n_iters < 0:
         raise ValueError(f"n_iters must be >= 0, got {n_iters}")
-    s = scores.float()
+    s = scores.to(accumulation_dtype(scores))
     n_samples, n_protos = s.shape
     if sample_weight is not None:
-        w = sample_weight.to(device=s.device, dtype=torch.float32).reshape(n_samples, 1)
+        w = sample_weight.to(device=s.device, dtype=s.dtype).reshape(n_samples, 1)
         s_for_max = torch.where(w > 0, s, torch.full_like(s, -torch.inf))
     else:
         w = None
@@ -75,18 +83,20 @@ def sinkhorn_knopp(
     all_reduce_(row_max, op=dist.ReduceOp.MAX if dist.is_available() else None, group=group)
     # A prototype with no participating sample anywhere has max -inf; any finite shift works.
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    if n_iters == 0:
+        row_max = row_max.max().expand_as(row_max)  # no row normalisation to cancel a per-row shift
     q = torch.exp((s - row_max) / epsilon).t()  # [K, N], K-major as in the paper
     if w is not None:
         q = q * w.t()
         n_total = w.sum()
     else:
-        n_total = torch.tensor(float(n_samples), device=s.device)
+        n_total = torch.tensor(float(n_samples), device=s.device, dtype=s.dtype)
     all_reduce_(n_total, group=group)
 
     total = q.sum()
     all_reduce_(total, group=group)
     q /= total
-    tiny = torch.finfo(torch.float32).tiny
+    tiny = torch.finfo(s.dtype).tiny
     for _ in range(n_iters):
         row_sum = q.sum(dim=1, keepdim=True)
         all_reduce_(row_sum, group=group)

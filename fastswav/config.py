@@ -1,0 +1,196 @@
+"""Training configuration: one frozen dataclass, named presets, typed overrides."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Dict, Tuple
+
+DEFAULT_PRESET = "demo"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every knob of a run. Defaults are the official SwAV ResNet-50 100-epoch recipe."""
+
+    # data
+    data: str = field(default="", metadata={"help": "training data: image folder, zip of JPEGs, or a download root for torchvision-cifar10"})
+    data_kind: str = field(default="auto", metadata={"help": "auto | folder | zip | torchvision-cifar10"})
+    workers: int = field(default=8, metadata={"help": "data loader worker processes per training process"})
+    in_memory: bool = field(default=False, metadata={"help": "decode the whole dataset into memory once (small data only)"})
+    # multi-crop
+    n_crops: Tuple[int, ...] = field(default=(2, 6), metadata={"help": "crops per resolution group"})
+    size_crops: Tuple[int, ...] = field(default=(224, 96), metadata={"help": "crop size per group"})
+    min_scale_crops: Tuple[float, ...] = field(default=(0.14, 0.05), metadata={"help": "RandomResizedCrop min area fraction per group"})
+    max_scale_crops: Tuple[float, ...] = field(default=(1.0, 0.14), metadata={"help": "RandomResizedCrop max area fraction per group"})
+    blur_prob: float = field(default=0.5, metadata={"help": "Gaussian blur probability"})
+    jitter_strength: float = field(default=1.0, metadata={"help": "colour jitter strength s (0.8s, 0.8s, 0.8s, 0.2s)"})
+    # model
+    arch: str = field(default="resnet50", metadata={"help": "trunk: resnet18/34/50/101/152, resnet50w2/w4/w5"})
+    trunk_width: int = field(default=0, metadata={"help": "channels of the stem and first stage (0: the arch's own)"})
+    small_images: bool = field(default=False, metadata={"help": "3x3 stride-1 stem without max-pool (32x32 data)"})
+    hidden_dim: int = field(default=2048, metadata={"help": "projection head hidden width (0: linear head)"})
+    out_dim: int = field(default=128, metadata={"help": "embedding dimension"})
+    n_prototypes: int = field(default=3000, metadata={"help": "number of prototypes K"})
+    sync_bn: bool = field(default=True, metadata={"help": "SyncBatchNorm across CUDA processes"})
+    # loss
+    crops_for_assign: Tuple[int, ...] = field(default=(0, 1), metadata={"help": "crops whose codes are predicted"})
+    temperature: float = field(default=0.1, metadata={"help": "softmax temperature"})
+    epsilon: float = field(default=0.05, metadata={"help": "Sinkhorn regularisation"})
+    sinkhorn_iterations: int = field(default=3, metadata={"help": "Sinkhorn rounds"})
+    queue_length: int = field(default=0, metadata={"help": "feature queue length over all processes (0: no queue)"})
+    epoch_queue_starts: int = field(default=15, metadata={"help": "epoch at which the queue starts filling"})
+    # optimisation
+    epochs: int = field(default=100, metadata={"help": "training epochs"})
+    steps_per_epoch: int = field(default=0, metadata={"help": "cap on steps per epoch (0: the whole dataset)"})
+    batch_size: int = field(default=64, metadata={"help": "images per process per step"})
+    base_lr: float = field(default=4.8, metadata={"help": "peak learning rate"})
+    final_lr: float = field(default=0.0048, metadata={"help": "learning rate at the end of the cosine"})
+    lr_reference_batch: int = field(default=0, metadata={"help": "global batch base_lr is set for; lr scales linearly with the real one (0: no scaling)"})
+    warmup_epochs: int = field(default=10, metadata={"help": "linear warm-up epochs"})
+    start_warmup: float = field(default=0.3, metadata={"help": "learning rate at the start of the warm-up"})
+    weight_decay: float = field(default=1e-6, metadata={"help": "weight decay"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    trust_coefficient: float = field(default=0.001, metadata={"help": "LARS trust coefficient"})
+    lars_exclude_bn_bias: bool = field(default=False, metadata={"help": "no LARS adaptation or decay for BN and bias parameters"})
+    freeze_prototypes_niters: int = field(default=313, metadata={"help": "iterations during which the prototypes are not updated"})
+    # run
+    seed: int = field(default=31, metadata={"help": "random seed"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    output_dir: str = field(default="", metadata={"help": "run folder (default runs/<preset>)"})
+    log_every: int = field(default=20, metadata={"help": "steps between JSON-lines log records"})
+    knn_at_end: bool = field(default=False, metadata={"help": "kNN accuracy at initialisation and after training"})
+    knn_k: int = field(default=20, metadata={"help": "kNN neighbours"})
+    knn_temperature: float = field(default=0.07, metadata={"help": "kNN weighting temperature"})
+    knn_max_train: int = field(default=0, metadata={"help": "kNN memory images (0: all)"})
+    knn_max_test: int = field(default=0, metadata={"help": "kNN query images (0: all)"})
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        groups = len(self.n_crops)
+        if groups == 0 or any(n < 1 for n in self.n_crops):
+            raise ValueError(f"n_crops must be positive counts, got {self.n_crops}")
+        for name in ("size_crops", "min_scale_crops", "max_scale_crops"):
+            if len(getattr(self, name)) != groups:
+                raise ValueError(f"{name} needs {groups} values (one per crop group), got {getattr(self, name)}")
+        if sum(self.n_crops) < 2:
+            raise ValueError("SwAV needs at least 2 crops in all")
+        for c in self.crops_for_assign:
+            if not 0 <= c < sum(self.n_crops):
+                raise ValueError(f"crops_for_assign entry {c} is not a crop index (0..{sum(self.n_crops) - 1})")
+        positive = ("batch_size", "epochs", "n_prototypes", "out_dim", "log_every", "knn_k")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} must lie in 0..epochs={self.epochs}")
+        if self.temperature <= 0 or self.epsilon <= 0:
+            raise ValueError("temperature and epsilon must be > 0")
+        if self.data_kind not in ("auto", "folder", "zip", "torchvision-cifar10"):
+            raise ValueError(f"data_kind={self.data_kind!r}: expected auto, folder, zip or torchvision-cifar10")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}: expected auto, cpu or cuda")
+
+    @property
+    def total_crops(self) -> int:
+        return sum(self.n_crops)
+
+    def to_dict(self) -> Dict[str, typing.Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, typing.Any]) -> "Config":
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+_IMAGENET_4096 = dict(batch_size=64, base_lr=4.8, final_lr=0.0048, freeze_prototypes_niters=313,
+                      warmup_epochs=10, start_warmup=0.3, queue_length=0)
+_IMAGENET_256 = dict(batch_size=64, base_lr=0.6, final_lr=0.0006, freeze_prototypes_niters=5005,
+                     warmup_epochs=0, start_warmup=0.0, queue_length=3840, epoch_queue_starts=15)
+
+# name -> (one-line description, overrides of the Config defaults)
+PRESETS: Dict[str, Tuple[str, Dict[str, typing.Any]]] = {
+    "demo": (
+        "CIFAR-10 on a CPU in minutes: small ResNet-18, 2x32 + 4x16 crops, K=100, kNN before/after",
+        dict(data="../shared/data/cifar10-jpeg.zip", in_memory=True, workers=1,
+             n_crops=(2, 4), size_crops=(32, 16), min_scale_crops=(0.2, 0.08),
+             max_scale_crops=(1.0, 0.3), blur_prob=0.0, jitter_strength=0.5,
+             arch="resnet18", trunk_width=16, small_images=True, hidden_dim=512, out_dim=64,
+             n_prototypes=100, sync_bn=False, epochs=6, steps_per_epoch=60, batch_size=128,
+             base_lr=0.3, final_lr=0.003, warmup_epochs=1, start_warmup=0.03,
+             freeze_prototypes_niters=30, log_every=10, knn_at_end=True,
+             knn_max_train=10000, knn_max_test=2000),
+    ),
+    "100ep": ("official RN50, 100 epochs, global batch 4096 (64 x 64)", dict(_IMAGENET_4096, epochs=100)),
+    "200ep": ("official RN50, 200 epochs, global batch 4096 (64 x 64)", dict(_IMAGENET_4096, epochs=200)),
+    "400ep": ("official RN50, 400 epochs, global batch 4096 (64 x 64)", dict(_IMAGENET_4096, epochs=400)),
+    "800ep": ("official RN50, 800 epochs, global batch 4096 (64 x 64)", dict(_IMAGENET_4096, epochs=800)),
+    "200ep_bs256": ("official RN50, 200 epochs, global batch 256 (4 x 64), queue 3840 from epoch 15",
+                    dict(_IMAGENET_256, epochs=200)),
+    "400ep_bs256": ("official RN50, 400 epochs, global batch 256 (4 x 64), queue 3840 from epoch 15",
+                    dict(_IMAGENET_256, epochs=400)),
+    "400ep_2x224": ("official RN50, 400 epochs, 2x224 crops only (scale 0.08-1), global batch 4096",
+                    dict(_IMAGENET_4096, epochs=400, n_crops=(2,), size_crops=(224,),
+                         min_scale_crops=(0.08,), max_scale_crops=(1.0,))),
+    "100ep_fast": ("the official 100-epoch recipe on 8 GPUs x 512; lr scales with the global batch",
+                   dict(_IMAGENET_4096, epochs=100, batch_size=512, lr_reference_batch=4096)),
+}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return Config(**PRESETS[name][1])
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def parse_value(name: str, text: str):
+    """``text`` converted to the type of config field ``name`` (tuples: comma-separated)."""
+    known = {f.name: f for f in fields(Config)}
+    if name not in known:
+        raise ValueError(f"unknown config field {name!r} (see --help for the list)")
+    hint = typing.get_type_hints(Config)[name]
+    try:
+        if typing.get_origin(hint) is tuple:
+            item = typing.get_args(hint)[0]
+            parts = [p for p in text.replace(" ", ",").split(",") if p]
+            return tuple(item(p) for p in parts)
+        if hint is bool:
+            return _bool(text)
+        return hint(text)
+    except ValueError:
+        type_name = getattr(hint, "__name__", str(hint))
+        raise ValueError(f"--{name}={text!r}: expected {type_name}") from None
+
+
+def field_help() -> str:
+    """One line per field for --help: name, type, default, description."""
+    hints = typing.get_type_hints(Config)
+    lines = []
+    for f in fields(Config):
+        hint = hints[f.name]
+        type_name = "list" if typing.get_origin(hint) is tuple else hint.__name__
+        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        lines.append(f"  --{f.name}=<{type_name}>  {f.metadata.get('help', '')} [default {default!r}]")
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""SwAV network: a torchvision ResNet trunk, the MLP projection head and the prototypes."""
+from __future__ import annotations
+
+import re
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+# name -> (block, layers); a "w<N>" suffix widens every stage N times (SwAV's RN50w2/w4/w5).
+_DEPTHS = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+    "resnet101": (Bottleneck, [3, 4, 23, 3]),
+    "resnet152": (Bottleneck, [3, 8, 36, 3]),
+}
+ARCHS = tuple(_DEPTHS) + ("resnet50w2", "resnet50w4", "resnet50w5")
+
+
+def _resnet_with_width(block, layers: List[int], width: int) -> resnet.ResNet:
+    """torchvision's ResNet whose stem and first stage have ``width`` channels (64 in the
+    standard nets), every later stage doubling it.
+
+    torchvision's ``width_per_group`` widens only the bottleneck's inner conv, whereas the
+    SwAV wide models widen the stem and all stage outputs too (RN50w2: 4096-d features);
+    widths under 64 give the small nets that train on a CPU.
+    """
+    net = resnet.ResNet(block, layers)
+    if width == 64:
+        return net
+    net.inplanes = width
+    net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(width)
+    net.layer1 = net._make_layer(block, width, layers[0])
+    net.layer2 = net._make_layer(block, width * 2, layers[1], stride=2)
+    net.layer3 = net._make_layer(block, width * 4, layers[2], stride=2)
+    net.layer4 = net._make_layer(block, width * 8, layers[3], stride=2)
+    for m in net.modules():  # the same initialisation torchvision gives its own layers
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+    return net
+
+
+def build_trunk(arch: str, small_images: bool = False, width: int = 0) -> Tuple[nn.Module, int]:
+    """A ResNet trunk returning pooled features, and its feature width.
+
+    ``width`` (0: the arch's own) sets the channels of the stem and first stage.
+    ``small_images`` swaps the 7x7/stride-2 stem and max-pool for a 3x3/stride-1 stem, the
+    usual change for 32x32 inputs such as CIFAR-10.
+    """
+    match = re.fullmatch(r"(resnet\d+)(?:w(\d+))?", arch)
+    if not match or match.group(1) not in _DEPTHS or arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    block, layers = _DEPTHS[match.group(1)]
+    if width < 0:
+        raise ValueError(f"width must be >= 0, got {width}")
+    width = width or 64 * int(match.group(2) or 1)
+    net = _resnet_with_width(block, layers, width)
+    if small_images:
+        width = net.conv1.out_channels
+        net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        net.maxpool = nn.Identity()
+    feat_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, feat_dim
+
+
+class SwAVModel(nn.Module):
+    """Trunk -> MLP head (Linear, BN, ReLU, Linear) -> L2-normalised embedding.
+
+    The prototypes are a bias-free ``Linear(out_dim, n_prototypes)``; the loss reads
+    ``prototypes.weight`` (see :class:`fastswav.SwAVLoss`).
+    """
+
+    def __init__(self, arch: str = "resnet50", hidden_dim: int = 2048, out_dim: int = 128,
+                 n_prototypes: int = 3000, small_images: bool = False, width: int = 0):
+        super().__init__()
+        self.trunk, feat_dim = build_trunk(arch, small_images, width)
+        if hidden_dim > 0:
+            self.head = nn.Sequential(
+                nn.Linear(feat_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                nn.Linear(hidden_dim, out_dim),
+            )
+        else:
+            self.head = nn.Linear(feat_dim, out_dim)
+        self.prototypes = nn.Linear(out_dim, n_prototypes, bias=False)
+        self.feat_dim = feat_dim
+
+    def forward_trunk(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Trunk features of all crops, crop-major, running the trunk once per run of
+        consecutive crops that share a resolution (as the official code does)."""
+        if isinstance(crops, torch.Tensor):
+            crops = [crops]
+        feats = []
+        start = 0
+        while start < len(crops):
+            end = start + 1
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            group = torch.cat(list(crops[start:end])) if end - start > 1 else crops[start]
+            feats.append(self.trunk(group))
+            start = end
+        return torch.cat(feats) if len(feats) > 1 else feats[0]
+
+    def forward(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Embeddings ``[n_crops * B, out_dim]`` (L2-normalised, crop-major)."""
+        return F.normalize(self.head(self.forward_trunk(crops)), dim=1)
+
+
+def build_model(cfg) -> SwAVModel:
+    """The model a :class:`fastswav.config.Config` describes."""
+    return SwAVModel(cfg.arch, cfg.hidden_dim, cfg.out_dim, cfg.n_prototypes,
+                     cfg.small_images, cfg.trunk_width)
+
+
+def load_trunk_from_checkpoint(path, map_location="cpu") -> Tuple[nn.Module, int]:
+    """The trunk of a fastswav training checkpoint, and the image size it trained on
+    (the size of its largest crops)."""
+    from .checkpoint import load_checkpoint
+    from .config import Config
+
+    state = load_checkpoint(path, map_location=map_location)
+    cfg = Config.from_dict(state["config"])
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    return model.trunk, max(cfg.size_crops)
