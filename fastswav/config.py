@@ -180,7 +180,10 @@ def parse_value(name: str, text: str):
             return _bool(text)
         return hint(text)
     except ValueError:
-        type_name = getattr(hint, "__name__", str(hint))
+        if typing.get_origin(hint) is tuple:
+            type_name = f"list of {typing.get_args(hint)[0].__name__}"
+        else:
+            type_name = hint.__name__
         raise ValueError(f"--{name}={text!r}: expected {type_name}") from None
 
 

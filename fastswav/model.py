@@ -68,7 +68,7 @@ def build_trunk(arch: str, small_images: bool = False, width: int = 0) -> Tuple[
         net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
         net.maxpool = nn.Identity()
-    feat_dim = net.fc.in_features
+    feat_dim = width * 8 * block.expansion
     net.fc = nn.Identity()
     return net, feat_dim
 
