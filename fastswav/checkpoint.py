@@ -16,6 +16,28 @@ def checkpoint_path(run_dir, epoch: int) -> Path:
     return Path(run_dir) / f"checkpoint_epoch{epoch:04d}.pt"
 
 
+def queue_path(run_dir, epoch: int, rank: int) -> Path:
+    """Each process keeps its own queue (as in the official code): one file per rank."""
+    return Path(run_dir) / f"queue_rank{rank}_epoch{epoch:04d}.pt"
+
+
+def prune_checkpoints(run_dir, keep: int, rank: int) -> None:
+    """Delete all but the ``keep`` newest epochs' files (0: keep everything).
+
+    Rank 0 prunes the model checkpoints; every rank prunes its own queue files.
+    """
+    if keep <= 0:
+        return
+    run_dir = Path(run_dir)
+    patterns = [re.compile(rf"queue_rank{rank}_epoch(\d+)\.pt$")]
+    if rank == 0:
+        patterns.append(_NAME)
+    for pattern in patterns:
+        found = sorted((int(m.group(1)), p) for p in run_dir.iterdir() if (m := pattern.search(p.name)))
+        for _, path in found[:-keep]:
+            path.unlink(missing_ok=True)
+
+
 def save_checkpoint(state: Dict[str, Any], path) -> Path:
     """Write ``state`` to ``path`` through a temporary file in the same folder and a
     rename, so a crash mid-write never leaves a truncated checkpoint under the real name."""

@@ -59,6 +59,7 @@ class Config:
     seed: int = field(default=31, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     output_dir: str = field(default="", metadata={"help": "run folder (default runs/<preset>)"})
+    keep_checkpoints: int = field(default=3, metadata={"help": "epoch checkpoints kept in the run folder (0: all)"})
     log_every: int = field(default=20, metadata={"help": "steps between JSON-lines log records"})
     knn_at_end: bool = field(default=False, metadata={"help": "kNN accuracy at initialisation and after training"})
     knn_k: int = field(default=20, metadata={"help": "kNN neighbours"})

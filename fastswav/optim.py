@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, List
+from typing import List
 
 import torch
 from torch import nn

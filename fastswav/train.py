@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints,
+                         queue_path, save_checkpoint)
 from .config import DEFAULT_PRESET, PRESETS, Config, field_help, parse_value, preset
 from .distributed import DistInfo, barrier, init_distributed, shutdown
 from .loss import SwAVLoss
@@ -163,7 +164,7 @@ def build_data(cfg: Config, dist_info: DistInfo):
     from .data.multicrop import MultiCropTransform
     from .data.sources import open_source
 
-    source = open_source(cfg.data, split="train", kind=cfg.data_kind, in_memory=cfg.in_memory)
+    source = open_source(cfg.data, split="train", kind=cfg.data_kind, preload=cfg.in_memory)
     need = cfg.batch_size * dist_info.world_size
     if len(source) < need:
         raise UsageError(
@@ -192,8 +193,8 @@ def knn_accuracy(cfg: Config, model: nn.Module, device: torch.device) -> Optiona
     from .eval.knn import knn_eval
 
     try:
-        train = open_source(cfg.data, split="train", kind=cfg.data_kind, in_memory=cfg.in_memory)
-        test = open_source(cfg.data, split="test", kind=cfg.data_kind, in_memory=cfg.in_memory)
+        train = open_source(cfg.data, split="train", kind=cfg.data_kind, preload=cfg.in_memory)
+        test = open_source(cfg.data, split="test", kind=cfg.data_kind, preload=cfg.in_memory)
     except (ValueError, FileNotFoundError) as exc:
         log.warning("kNN evaluation skipped: %s", exc)
         return None
@@ -272,7 +273,7 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, knn_init = state["epoch"], state.get("knn_init")
-        queue_file = run_dir / f"queue_rank{dist_info.rank}.pt"
+        queue_file = queue_path(run_dir, start_epoch, dist_info.rank)
         if queue_len and queue_file.exists():
             queue = FeatureQueue(len(cfg.crops_for_assign), queue_len, cfg.out_dim, device=device)
             queue.load_state_dict(load_checkpoint(queue_file, map_location=device))
@@ -302,11 +303,14 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
                                  dist_info, autocast, jlog)
         state = {"epoch": epoch + 1, "model": unwrap(model).state_dict(),
                  "optimizer": optimizer.state_dict(), "config": cfg.to_dict(), "knn_init": knn_init}
+        # Queue files first: a checkpoint that exists always has its queues beside it.
         if queue is not None:
-            save_checkpoint(queue.state_dict(), run_dir / f"queue_rank{dist_info.rank}.pt")
+            save_checkpoint(queue.state_dict(), queue_path(run_dir, epoch + 1, dist_info.rank))
+        barrier(dist_info)
         if main:
             save_checkpoint(state, checkpoint_path(run_dir, epoch + 1))
         barrier(dist_info)
+        prune_checkpoints(run_dir, cfg.keep_checkpoints, dist_info.rank)
 
     summary = {"run_dir": str(run_dir), "loss": last_loss, "knn_init": knn_init, "knn_trained": None}
     if cfg.knn_at_end:

@@ -3,7 +3,6 @@
 Tolerances: float64 paths agree to 1e-10; float32 reference vs float64 hand computation to
 1e-5 relative (loss) and 1e-4 relative (gradients, codes); bf16 inputs to 2e-2.
 """
-import math
 import os
 import socket
 
@@ -15,7 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from fastswav import FeatureQueue, SwAVLoss, swav_loss
-from fastswav.ops import (assignment_codes, normalize_prototypes_, sinkhorn_knopp,
+from fastswav.ops import (normalize_prototypes_, sinkhorn_knopp,
                           swapped_prediction_loss, swav_loss_reference)
 
 

@@ -1,0 +1,112 @@
+"""The training loop end to end on tiny data: checkpoints, resume, queue, bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastswav.checkpoint import latest_checkpoint, load_checkpoint
+from fastswav.config import preset
+from fastswav.train import UsageError, main, run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """48 random 24x24 images in 3 classes, plus one corrupt file, train/ and test/."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 16), ("test", 4)):
+        for cls in ("a", "b", "c"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    (root / "train" / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+def tiny_config(data, out, **changes):
+    base = preset("demo").replace(
+        data=str(data), output_dir=str(out), in_memory=False, workers=0, batch_size=8,
+        epochs=3, steps_per_epoch=2, warmup_epochs=1, arch="resnet18", trunk_width=4,
+        hidden_dim=16, out_dim=8, n_prototypes=6, n_crops=(2, 2), size_crops=(16, 8),
+        freeze_prototypes_niters=1, log_every=1, knn_at_end=False, seed=5,
+    )
+    return base.replace(**changes)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_folder, tmp_path):
+    straight = tiny_config(tiny_folder, tmp_path / "straight")
+    run(straight, resume=False)
+    # Same run, stopped after epoch 2 of 3 (as a crash would), then resumed.
+    stopped = tiny_config(tiny_folder, tmp_path / "stopped", epochs=3)
+    shutil.rmtree(tmp_path / "stopped", ignore_errors=True)
+    run(stopped.replace(epochs=3), resume=False)
+    os.remove(tmp_path / "stopped" / "checkpoint_epoch0003.pt")
+    assert latest_checkpoint(tmp_path / "stopped").name == "checkpoint_epoch0002.pt"
+    run(stopped, resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint_epoch0003.pt")
+    b = load_checkpoint(tmp_path / "stopped" / "checkpoint_epoch0003.pt")
+    for name, tensor in a["model"].items():
+        assert torch.allclose(tensor.float(), b["model"][name].float(), atol=1e-6), name
+    log = [json.loads(line) for line in open(tmp_path / "straight" / "log.jsonl")]
+    assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2, 3]
+    assert json.loads((tmp_path / "straight" / "config.json").read_text())["epochs"] == 3
+    assert all(np.isfinite(r["loss"]) for r in log if r["event"] == "step")
+
+
+def test_prototypes_frozen_then_trained_and_queue_fills(tiny_folder, tmp_path):
+    cfg = tiny_config(tiny_folder, tmp_path / "q", epochs=2, steps_per_epoch=2,
+                      freeze_prototypes_niters=2, queue_length=16, epoch_queue_starts=0)
+    run(cfg, resume=False)
+    first = load_checkpoint(tmp_path / "q" / "checkpoint_epoch0001.pt")["model"]["prototypes.weight"]
+    second = load_checkpoint(tmp_path / "q" / "checkpoint_epoch0002.pt")["model"]["prototypes.weight"]
+    # Frozen for the 2 steps of epoch 1: only renormalised; trained afterwards.
+    assert torch.allclose(first.norm(dim=1), torch.ones(first.shape[0]), atol=1e-5)
+    assert not torch.allclose(first, second)
+    queue = load_checkpoint(tmp_path / "q" / "queue_rank0_epoch0002.pt")
+    assert int(queue["filled"]) == 16 and int(queue["write_pos"]) == 0
+
+
+def test_batch_size_the_data_cannot_fill(tiny_folder, tmp_path):
+    with pytest.raises(UsageError, match="needs at least 4096 images"):
+        run(tiny_config(tiny_folder, tmp_path / "big", batch_size=4096), resume=False)
+
+
+def test_cli_reports_unfillable_batch_in_one_line(tiny_folder, tmp_path, capsys):
+    code = main(["--data", str(tiny_folder), "--batch_size=4096", "--workers=0",
+                 "--output-dir", str(tmp_path / "cli")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: batch size 4096")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_and_resume(tiny_folder, tmp_path):
+    out = tmp_path / "ddp"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+            "--standalone", "-m", "fastswav.train",
+            "--data", str(tiny_folder), "--output-dir", str(out), "--workers=0",
+            "--batch_size=4", "--epochs=2", "--steps_per_epoch=2", "--warmup_epochs=0",
+            "--arch=resnet18", "--trunk_width=4", "--hidden_dim=16", "--out_dim=8",
+            "--n_prototypes=6", "--n_crops=2,2", "--size_crops=16,8", "--knn_at_end=false",
+            "--in_memory=false", "--queue_length=16", "--epoch_queue_starts=0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "checkpoint_epoch0002.pt").exists()
+    assert (out / "queue_rank0_epoch0002.pt").exists() and (out / "queue_rank1_epoch0002.pt").exists()
+    # A second launch with more epochs resumes from epoch 2.
+    done = subprocess.run(args + ["--epochs=3"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout
+    assert load_checkpoint(out / "checkpoint_epoch0003.pt")["epoch"] == 3
