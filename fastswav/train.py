@@ -14,6 +14,7 @@ import math
 import os
 import random
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -178,12 +179,14 @@ def build_data(cfg: Config, dist_info: DistInfo):
     return MultiCropDataset(source, transform), source
 
 
-def epoch_loader(cfg: Config, dataset, epoch: int, dist_info: DistInfo):
+def build_loader(cfg: Config, dataset, epoch: int, dist_info: DistInfo):
+    """The training loader (its workers persist across epochs: call ``set_epoch``)."""
     from .data.loader import build_pretrain_loader
 
     return build_pretrain_loader(
         dataset, batch_size=cfg.batch_size, num_workers=cfg.workers, seed=cfg.seed, epoch=epoch,
         rank=dist_info.rank, world_size=dist_info.world_size, drop_last=True,
+        pin_memory=torch.cuda.is_available(),
     )
 
 
@@ -193,8 +196,9 @@ def knn_accuracy(cfg: Config, model: nn.Module, device: torch.device) -> Optiona
     from .eval.knn import knn_eval
 
     try:
-        train = open_source(cfg.data, split="train", kind=cfg.data_kind, preload=cfg.in_memory)
-        test = open_source(cfg.data, split="test", kind=cfg.data_kind, preload=cfg.in_memory)
+        # No preload: kNN reads only knn_max_train / knn_max_test of the images.
+        train = open_source(cfg.data, split="train", kind=cfg.data_kind)
+        test = open_source(cfg.data, split="test", kind=cfg.data_kind)
     except (ValueError, FileNotFoundError) as exc:
         log.warning("kNN evaluation skipped: %s", exc)
         return None
@@ -242,8 +246,12 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(cfg.to_json() + "\n")
+        fields_text = " ".join(
+            f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in sorted(cfg.to_dict().items()))
         print(f"fastswav: preset {preset_name}, {dist_info.world_size} process(es) on {device}; "
-              f"run folder {run_dir}\n{cfg.to_json()}", flush=True)
+              f"run folder {run_dir}\nconfig: " + textwrap.fill(fields_text, 100, subsequent_indent="  "),
+              flush=True)
     jlog = JsonLog(run_dir / "log.jsonl" if main else None)
     seed_everything(cfg.seed)
 
@@ -292,13 +300,15 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
         else contextlib.nullcontext
 
     last_loss = float("nan")
+    loader = build_loader(cfg, dataset, start_epoch, dist_info)
     for epoch in range(start_epoch, cfg.epochs):
         # Reseed per epoch so that a resumed run draws the same augmentations.
         seed_everything(cfg.seed + 1000 * epoch + dist_info.rank)
         if queue_len and epoch >= cfg.epoch_queue_starts and queue is None:
             queue = FeatureQueue(len(cfg.crops_for_assign), queue_len, cfg.out_dim, device=device)
         model.train()
-        last_loss = _train_epoch(cfg, model, criterion, optimizer, queue, dataset, epoch,
+        loader.set_epoch(epoch)
+        last_loss = _train_epoch(cfg, model, criterion, optimizer, queue, loader, epoch,
                                  iters_per_epoch, (base_lr, final_lr, start_warmup), device,
                                  dist_info, autocast, jlog)
         state = {"epoch": epoch + 1, "model": unwrap(model).state_dict(),
@@ -323,12 +333,11 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
     return summary
 
 
-def _train_epoch(cfg, model, criterion, optimizer, queue, dataset, epoch, iters_per_epoch,
+def _train_epoch(cfg, model, criterion, optimizer, queue, loader, epoch, iters_per_epoch,
                  lrs, device, dist_info, autocast, jlog) -> float:
     from tqdm import tqdm
 
     base_lr, final_lr, start_warmup = lrs
-    loader = epoch_loader(cfg, dataset, epoch, dist_info)
     bar = tqdm(total=iters_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
                disable=not dist_info.is_main, dynamic_ncols=True, file=sys.stdout)
     images, skipped, tick, loss_sum, loss_count = 0, 0, time.perf_counter(), 0.0, 0
