@@ -1,16 +1,167 @@
 """Build script: the fastswav package, kernels/ installed as fastswav.kernels, and
 (when a compiler is present) the csrc/ extension as fastswav._C."""
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
 from setuptools import setup
 
 PACKAGES = ["fastswav", "fastswav.ops", "fastswav.data", "fastswav.eval", "fastswav.kernels"]
 
 
+def _say(message):
+    print(f"fastswav setup: {message}", file=sys.stderr, flush=True)
+
+
+def _is_cuda_toolkit(folder):
+    """A toolkit folder holds bin/nvcc and the CUDA runtime to link against."""
+    if not folder or not os.path.isfile(os.path.join(folder, "bin", "nvcc")):
+        return False
+    runtimes = glob.glob(os.path.join(folder, "lib64", "libcudart.so*")) + glob.glob(
+        os.path.join(folder, "lib", "libcudart.so*")) + glob.glob(
+        os.path.join(folder, "targets", "*", "lib", "libcudart.so*"))
+    return bool(runtimes)
+
+
+def _find_cuda_home():
+    """The real CUDA toolkit folder, or None.
+
+    torch guesses CUDA_HOME as the parent of the folder of the `nvcc` on PATH, which is
+    wrong when that nvcc is a wrapper script (e.g. /usr/local/bin/nvcc -> link fails with
+    `cannot find -lcudart`), so check each candidate for bin/nvcc and libcudart.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        # A wrapper script still reveals the toolkit: nvcc's dry run prints its own folder.
+        try:
+            dry_run = subprocess.run(
+                [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                capture_output=True, text=True, timeout=60, check=False)
+            here = re.search(r"^#\$ _HERE_=(.+)$", dry_run.stdout + dry_run.stderr, re.MULTILINE)
+            if here:
+                candidates.append(os.path.dirname(here.group(1).strip()))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    candidates.append("/usr/local/cuda")
+    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for folder in candidates:
+        if folder and _is_cuda_toolkit(folder):
+            return os.path.realpath(folder)
+    return None
+
+
 def extensions():
-    """C++/CUDA extension modules and the build command (empty when none can be built)."""
-    return [], {}
+    """C++/CUDA extension modules and the build command (empty when none can be built).
+
+    FASTSWAV_NO_EXT=1 skips the extension; FASTSWAV_NO_CUDA_EXT=1 builds its CPU part only.
+    TORCH_CUDA_ARCH_LIST and MAX_JOBS are read by torch.utils.cpp_extension as usual. A
+    failed build leaves the package installed without fastswav._C (the queue then uses the
+    PyTorch reference).
+    """
+    if os.environ.get("FASTSWAV_NO_EXT", "0") not in ("", "0"):
+        _say("FASTSWAV_NO_EXT is set: not building fastswav._C")
+        return [], {}
+    if not os.path.isdir("csrc"):
+        return [], {}
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        _say(f"no C++ compiler ({compiler}) found: not building fastswav._C")
+        return [], {}
+
+    with_cuda = False
+    if os.environ.get("FASTSWAV_NO_CUDA_EXT", "0") not in ("", "0"):
+        _say("FASTSWAV_NO_CUDA_EXT is set: building fastswav._C for the CPU only")
+    else:
+        try:
+            import torch
+            torch_cuda = torch.version.cuda
+        except ImportError:
+            torch_cuda = None
+        cuda_home = _find_cuda_home() if torch_cuda else None
+        if torch_cuda and cuda_home:
+            # cpp_extension reads CUDA_HOME when first imported; set it before that import,
+            # and on the module in case something imported it already.
+            os.environ["CUDA_HOME"] = cuda_home
+            with_cuda = True
+            if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+                try:
+                    has_gpu = torch.cuda.is_available()
+                except Exception:  # noqa: BLE001 (a broken driver must not break the install)
+                    has_gpu = False
+                if not has_gpu:
+                    # Without a GPU to ask, torch would build for every arch it supports
+                    # (slow); build for A100 and H100/H200, with PTX for newer cards.
+                    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+                    _say("no GPU and no TORCH_CUDA_ARCH_LIST: building CUDA code for 8.0;9.0+PTX")
+            _say(f"building fastswav._C with CUDA (CUDA_HOME={cuda_home}, "
+                 f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'from the GPU')})")
+        elif torch_cuda:
+            _say("no CUDA toolkit (bin/nvcc + libcudart) found: "
+                 "building fastswav._C for the CPU only")
+        else:
+            _say("torch has no CUDA: building fastswav._C for the CPU only")
+
+    try:
+        from torch.utils import cpp_extension
+    except ImportError as exc:
+        _say(f"torch is not importable ({exc}): not building fastswav._C "
+             "(install with --no-build-isolation)")
+        return [], {}
+    if with_cuda:
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
+
+    sources = ["csrc/queue_ops.cpp"]
+    cxx_flags = ["-O3", "-g0"]  # no debug info: a shorter build (Python's CFLAGS add -g)
+    if with_cuda:
+        sources.append("csrc/queue_kernels.cu")  # a different stem from the .cpp (ninja)
+        cxx_flags.append("-DFASTSWAV_WITH_CUDA")
+        module = cpp_extension.CUDAExtension(
+            "fastswav._C", sources,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-DFASTSWAV_WITH_CUDA"]})
+    else:
+        module = cpp_extension.CppExtension("fastswav._C", sources,
+                                            extra_compile_args={"cxx": cxx_flags})
+
+    class OptionalBuildExtension(cpp_extension.BuildExtension):
+        """Builds the extension, but a failure leaves an installable package without it."""
+
+        def run(self):
+            inplace = self.inplace  # setuptools clears it during run() (editable installs)
+            try:
+                super().run()
+                return
+            except Exception as exc:  # noqa: BLE001 (any build error is non-fatal here)
+                _say(f"building fastswav._C FAILED ({type(exc).__name__}: {exc})")
+            if with_cuda:
+                # The CUDA part is the fragile one (toolkit vs torch versions): keep the CPU op.
+                _say("retrying fastswav._C for the CPU only")
+                # Undo what the failed run() left behind: its compiler object, cleared inplace.
+                self.compiler, self.inplace = None, inplace
+                cpu_only = cpp_extension.CppExtension(
+                    "fastswav._C", ["csrc/queue_ops.cpp"],
+                    extra_compile_args={"cxx": [f for f in cxx_flags if "CUDA" not in f]})
+                # Reuse the finalized Extension object (setuptools has annotated it) with the
+                # CPU-only sources, flags and libraries.
+                for field in ("sources", "include_dirs", "library_dirs", "libraries",
+                              "extra_compile_args", "extra_link_args", "language"):
+                    setattr(self.extensions[0], field, getattr(cpu_only, field))
+                try:
+                    super().run()
+                    return
+                except Exception as exc:  # noqa: BLE001
+                    _say(f"building fastswav._C for the CPU FAILED ({type(exc).__name__}: {exc})")
+            _say("installing without fastswav._C: the feature queue will use the PyTorch reference")
+
+    return [module], {"build_ext": OptionalBuildExtension}
 
 
 ext_modules, cmdclass = extensions()
+
 
 setup(
     packages=PACKAGES,

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops.queue import ring_in_official_order, ring_push_
+from .ops.queue import ring_in_official_order
+from .ops.queue_ext import queue_push_
 
 
 class FeatureQueue(nn.Module):
@@ -32,7 +33,8 @@ class FeatureQueue(nn.Module):
     @torch.no_grad()
     def push(self, new: torch.Tensor) -> None:
         """Append ``new`` ([n_assign, B, dim]) as the newest rows, overwriting the oldest."""
-        ring_push_(self.embeddings, self.write_pos, self.filled, new.detach())
+        # The compiled fastswav._C op where it is built, else the PyTorch reference ring.
+        queue_push_(self.embeddings, self.write_pos, self.filled, new.detach())
 
     def valid(self) -> torch.Tensor:
         """0-dim float tensor: 1 once the queue is full, else 0 (stays on the device)."""
