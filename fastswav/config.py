@@ -18,7 +18,8 @@ class Config:
     data: str = field(default="", metadata={"help": "training data: image folder, zip of JPEGs, or a download root for torchvision-cifar10"})
     data_kind: str = field(default="auto", metadata={"help": "auto | folder | zip | torchvision-cifar10"})
     workers: int = field(default=8, metadata={"help": "data loader worker processes per training process"})
-    in_memory: bool = field(default=False, metadata={"help": "decode the whole dataset into memory once (small data only)"})
+    in_memory: bool = field(default=False, metadata={"help": "pil augmentation: decode the whole dataset into memory once (small data only)"})
+    augment: str = field(default="pil", metadata={"help": "pil: torchvision transforms per image in loader workers; batched: decode every image once into device memory and cut all crops as batched tensor work (same-size images, e.g. CIFAR-10)"})
     # multi-crop
     n_crops: Tuple[int, ...] = field(default=(2, 6), metadata={"help": "crops per resolution group"})
     size_crops: Tuple[int, ...] = field(default=(224, 96), metadata={"help": "crop size per group"})
@@ -92,6 +93,8 @@ class Config:
             raise ValueError("temperature and epsilon must be > 0")
         if self.data_kind not in ("auto", "folder", "zip", "torchvision-cifar10"):
             raise ValueError(f"data_kind={self.data_kind!r}: expected auto, folder, zip or torchvision-cifar10")
+        if self.augment not in ("pil", "batched"):
+            raise ValueError(f"augment={self.augment!r}: expected pil or batched")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: expected auto, cpu or cuda")
 
@@ -126,7 +129,7 @@ _IMAGENET_256 = dict(batch_size=64, base_lr=0.6, final_lr=0.0006, freeze_prototy
 PRESETS: Dict[str, Tuple[str, Dict[str, typing.Any]]] = {
     "demo": (
         "CIFAR-10 on a CPU in minutes: small ResNet-18, 2x32 + 4x16 crops, K=100, kNN before/after",
-        dict(data="../shared/data/cifar10-jpeg.zip", in_memory=True, workers=1,
+        dict(data="../shared/data/cifar10-jpeg.zip", augment="batched", workers=0,
              n_crops=(2, 4), size_crops=(32, 16), min_scale_crops=(0.2, 0.08),
              max_scale_crops=(1.0, 0.3), blur_prob=0.0, jitter_strength=0.5,
              arch="resnet18", trunk_width=16, small_images=True, hidden_dim=512, out_dim=64,

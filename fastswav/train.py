@@ -159,35 +159,42 @@ class JsonLog:
 
 # ---------------------------------------------------------------------------- data
 
-def build_data(cfg: Config, dist_info: DistInfo):
-    """(multi-crop dataset, training source) for the configured data."""
-    from .data.loader import MultiCropDataset
-    from .data.multicrop import MultiCropTransform
+def build_data(cfg: Config, dist_info: DistInfo, device: torch.device):
+    """The training source and its loader (call ``set_epoch`` on the loader every epoch)."""
     from .data.sources import open_source
 
-    source = open_source(cfg.data, split="train", kind=cfg.data_kind, preload=cfg.in_memory)
+    source = open_source(cfg.data, split="train", kind=cfg.data_kind,
+                         preload=cfg.in_memory and cfg.augment == "pil")
     need = cfg.batch_size * dist_info.world_size
     if len(source) < need:
         raise UsageError(
             f"batch size {cfg.batch_size} x {dist_info.world_size} process(es) needs at least "
             f"{need} images, {cfg.data} has {len(source)}"
         )
-    transform = MultiCropTransform(
-        size_crops=cfg.size_crops, n_crops=cfg.n_crops, min_scale=cfg.min_scale_crops,
-        max_scale=cfg.max_scale_crops, blur_prob=cfg.blur_prob, jitter_strength=cfg.jitter_strength,
-    )
-    return MultiCropDataset(source, transform), source
+    crop_args = dict(size_crops=cfg.size_crops, n_crops=cfg.n_crops, min_scale=cfg.min_scale_crops,
+                     max_scale=cfg.max_scale_crops, blur_prob=cfg.blur_prob,
+                     jitter_strength=cfg.jitter_strength)
+    if cfg.augment == "batched":
+        from .data.batched_multicrop import BatchedMultiCrop
+        from .data.resident import ResidentImages, ResidentMultiCropLoader
 
+        images = ResidentImages.from_source(source, device=device)
+        augment = BatchedMultiCrop(**crop_args, channels_last=device.type == "cuda")
+        loader = ResidentMultiCropLoader(images, augment, cfg.batch_size, seed=cfg.seed,
+                                         rank=dist_info.rank, world_size=dist_info.world_size,
+                                         device=device)
+        return source, loader
 
-def build_loader(cfg: Config, dataset, epoch: int, dist_info: DistInfo):
-    """The training loader (its workers persist across epochs: call ``set_epoch``)."""
-    from .data.loader import build_pretrain_loader
+    from .data.loader import MultiCropDataset, build_pretrain_loader
+    from .data.multicrop import MultiCropTransform
 
-    return build_pretrain_loader(
-        dataset, batch_size=cfg.batch_size, num_workers=cfg.workers, seed=cfg.seed, epoch=epoch,
+    dataset = MultiCropDataset(source, MultiCropTransform(**crop_args))
+    loader = build_pretrain_loader(
+        dataset, batch_size=cfg.batch_size, num_workers=cfg.workers, seed=cfg.seed,
         rank=dist_info.rank, world_size=dist_info.world_size, drop_last=True,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=device.type == "cuda",
     )
+    return source, loader
 
 
 def knn_accuracy(cfg: Config, model: nn.Module, device: torch.device) -> Optional[float]:
@@ -255,7 +262,7 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
     jlog = JsonLog(run_dir / "log.jsonl" if main else None)
     seed_everything(cfg.seed)
 
-    dataset, source = build_data(cfg, dist_info)
+    source, loader = build_data(cfg, dist_info, device)
     iters_per_epoch = len(source) // (cfg.batch_size * dist_info.world_size)
     if cfg.steps_per_epoch:
         iters_per_epoch = min(iters_per_epoch, cfg.steps_per_epoch)
@@ -300,7 +307,6 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
         else contextlib.nullcontext
 
     last_loss = float("nan")
-    loader = build_loader(cfg, dataset, start_epoch, dist_info)
     for epoch in range(start_epoch, cfg.epochs):
         # Reseed per epoch so that a resumed run draws the same augmentations.
         seed_everything(cfg.seed + 1000 * epoch + dist_info.rank)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU checks of one device session, in one call: build the extension with CUDA, run the
+# CUDA-marked tests, then the benchmarks at the official shapes. Logs and CSV rows go to
+# $OUT (the device tool's folder; ./device_out elsewhere). Dry-run on a CPU machine with
+#   DEVICE_CHECK_DRY=1 bash benchmarks/device_check.sh
+# which runs the same steps with the CPU smoke options.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-device_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+DRY=${DEVICE_CHECK_DRY:-0}
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step environment
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+
+step build
+$PY -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || tail -30 "$OUT/build.log"
+$PY -c "from fastswav import _C; print('fastswav._C with CUDA:', _C.WITH_CUDA)"
+
+step cuda tests
+if [ "$DRY" = 1 ]; then MARK="not slow"; TESTS="tests/test_queue.py tests/test_fused_loss.py"; else MARK=cuda; TESTS=tests; fi
+timeout 300 $PY -m pytest -q -m "$MARK" $TESTS 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
+
+step bench_loss
+if [ "$DRY" = 1 ]; then LOSS_ARGS="--cpu-smoke"; else LOSS_ARGS="--compile"; fi
+timeout 300 $PY benchmarks/bench_loss.py $LOSS_ARGS 2>&1 | tee "$OUT/bench_loss.log" | tail -30
+
+step bench_queue
+if [ "$DRY" = 1 ]; then QUEUE_ARGS="--dry-run"; else QUEUE_ARGS=""; fi
+timeout 120 $PY benchmarks/bench_queue.py $QUEUE_ARGS 2>&1 | tee "$OUT/bench_queue.log" | tail -12
+
+step results
+cp benchmarks/results/*.csv "$OUT/" 2>/dev/null
+ls -l "$OUT"
