@@ -19,7 +19,7 @@ from fastswav.data.batched_multicrop import (BatchedMultiCrop, _blur, _jitter, H
                                              random_resized_crop_params, shift_hue)
 from fastswav.data.multicrop import CIFAR10_MEAN, CIFAR10_STD
 from fastswav.data.resident import ResidentImages, ResidentMultiCropLoader
-from fastswav.data.sources import ImageSource, UnreadableImageError, decode_rgb
+from fastswav.data.sources import ImageSource
 
 SCALES = {"large": (0.14, 1.0), "small": (0.05, 0.14)}
 
