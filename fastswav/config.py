@@ -34,6 +34,7 @@ class Config:
     hidden_dim: int = field(default=2048, metadata={"help": "projection head hidden width (0: linear head)"})
     out_dim: int = field(default=128, metadata={"help": "embedding dimension"})
     n_prototypes: int = field(default=3000, metadata={"help": "number of prototypes K"})
+    channels_last: bool = field(default=True, metadata={"help": "NHWC memory format for the trunk (faster with cuDNN and oneDNN)"})
     sync_bn: bool = field(default=True, metadata={"help": "SyncBatchNorm across CUDA processes"})
     # loss
     crops_for_assign: Tuple[int, ...] = field(default=(0, 1), metadata={"help": "crops whose codes are predicted"})
@@ -52,6 +53,7 @@ class Config:
     warmup_epochs: int = field(default=10, metadata={"help": "linear warm-up epochs"})
     start_warmup: float = field(default=0.3, metadata={"help": "learning rate at the start of the warm-up"})
     weight_decay: float = field(default=1e-6, metadata={"help": "weight decay"})
+    optimizer: str = field(default="lars", metadata={"help": "lars (official: SGD wrapped in LARC) or sgd (plain SGD with momentum)"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     trust_coefficient: float = field(default=0.001, metadata={"help": "LARS trust coefficient"})
     lars_exclude_bn_bias: bool = field(default=False, metadata={"help": "no LARS adaptation or decay for BN and bias parameters"})
@@ -93,6 +95,8 @@ class Config:
             raise ValueError("temperature and epsilon must be > 0")
         if self.data_kind not in ("auto", "folder", "zip", "torchvision-cifar10"):
             raise ValueError(f"data_kind={self.data_kind!r}: expected auto, folder, zip or torchvision-cifar10")
+        if self.optimizer not in ("lars", "sgd"):
+            raise ValueError(f"optimizer={self.optimizer!r}: expected lars or sgd")
         if self.augment not in ("pil", "batched"):
             raise ValueError(f"augment={self.augment!r}: expected pil or batched")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -128,15 +132,17 @@ _IMAGENET_256 = dict(batch_size=64, base_lr=0.6, final_lr=0.0006, freeze_prototy
 # name -> (one-line description, overrides of the Config defaults)
 PRESETS: Dict[str, Tuple[str, Dict[str, typing.Any]]] = {
     "demo": (
-        "CIFAR-10 on a CPU in minutes: small ResNet-18, 2x32 + 4x16 crops, K=100, kNN before/after",
+        "CIFAR-10 on a CPU in minutes: small ResNet-18, 2x32 + 4x16 crops, K=100, SGD, kNN before/after",
         dict(data="../shared/data/cifar10-jpeg.zip", augment="batched", workers=0,
              n_crops=(2, 4), size_crops=(32, 16), min_scale_crops=(0.2, 0.08),
              max_scale_crops=(1.0, 0.3), blur_prob=0.0, jitter_strength=0.5,
              arch="resnet18", trunk_width=16, small_images=True, hidden_dim=512, out_dim=64,
-             n_prototypes=100, sync_bn=False, epochs=6, steps_per_epoch=60, batch_size=128,
-             base_lr=0.3, final_lr=0.003, warmup_epochs=1, start_warmup=0.03,
-             freeze_prototypes_niters=30, log_every=10, knn_at_end=True,
-             knn_max_train=10000, knn_max_test=2000),
+             n_prototypes=100, sync_bn=False, epochs=7, steps_per_epoch=50, batch_size=128,
+             # Plain SGD: at batch 128, LARS's trust ratio (0.001) makes steps too small to
+             # learn in a few hundred iterations (measured: +2.3 kNN points vs +4.0 in 150).
+             optimizer="sgd", base_lr=0.3, final_lr=0.003, weight_decay=1e-5,
+             warmup_epochs=1, start_warmup=0.03, freeze_prototypes_niters=30, log_every=10,
+             knn_at_end=True, knn_max_train=10000, knn_max_test=2000),
     ),
     "100ep": ("official RN50, 100 epochs, global batch 4096 (64 x 64)", dict(_IMAGENET_4096, epochs=100)),
     "200ep": ("official RN50, 200 epochs, global batch 4096 (64 x 64)", dict(_IMAGENET_4096, epochs=200)),

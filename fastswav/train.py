@@ -179,7 +179,7 @@ def build_data(cfg: Config, dist_info: DistInfo, device: torch.device):
         from .data.resident import ResidentImages, ResidentMultiCropLoader
 
         images = ResidentImages.from_source(source, device=device)
-        augment = BatchedMultiCrop(**crop_args, channels_last=device.type == "cuda")
+        augment = BatchedMultiCrop(**crop_args, channels_last=cfg.channels_last)
         loader = ResidentMultiCropLoader(images, augment, cfg.batch_size, seed=cfg.seed,
                                          rank=dist_info.rank, world_size=dist_info.world_size,
                                          device=device)
@@ -218,6 +218,17 @@ def knn_accuracy(cfg: Config, model: nn.Module, device: torch.device) -> Optiona
 
 
 # ---------------------------------------------------------------------------- training
+
+def build_optimizer(cfg: Config, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    groups = lars_param_groups(model, cfg.lars_exclude_bn_bias)
+    if cfg.optimizer == "sgd":
+        # LARS with lars=False groups is exactly SGD with momentum and per-group decay.
+        for group in groups:
+            group["lars"] = False
+            group.setdefault("weight_decay", cfg.weight_decay)
+    return LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                trust_coefficient=cfg.trust_coefficient)
+
 
 def train_step(model: nn.Module, criterion: SwAVLoss, optimizer: torch.optim.Optimizer,
                crops: List[torch.Tensor], queue: Optional[FeatureQueue], lr: float,
@@ -269,13 +280,11 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
     base_lr, final_lr, start_warmup = scaled_lr(cfg, dist_info.world_size)
 
     model = build_model(cfg).to(device)
-    if device.type == "cuda":
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-        if cfg.sync_bn and dist_info.enabled:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = LARS(lars_param_groups(model, cfg.lars_exclude_bn_bias), lr=base_lr,
-                     momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                     trust_coefficient=cfg.trust_coefficient)
+    if device.type == "cuda" and cfg.sync_bn and dist_info.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(cfg, model, base_lr)
     criterion = SwAVLoss(cfg.total_crops, cfg.crops_for_assign, cfg.temperature, cfg.epsilon,
                          cfg.sinkhorn_iterations)
     queue_len = process_queue_length(cfg, dist_info.world_size)
@@ -292,6 +301,8 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
         if queue_len and queue_file.exists():
             queue = FeatureQueue(len(cfg.crops_for_assign), queue_len, cfg.out_dim, device=device)
             queue.load_state_dict(load_checkpoint(queue_file, map_location=device))
+        elif queue_len and start_epoch > cfg.epoch_queue_starts:
+            log.warning("no saved queue %s: the queue starts empty and fills again", queue_file)
         if main:
             print(f"resumed from {ckpt} (epoch {start_epoch} done)", flush=True)
     elif cfg.knn_at_end:
@@ -355,7 +366,7 @@ def _train_epoch(cfg, model, criterion, optimizer, queue, loader, epoch, iters_p
         lr = learning_rate(iteration, iters_per_epoch, cfg.epochs, base_lr, final_lr,
                            cfg.warmup_epochs, start_warmup)
         crops = [c.to(device, non_blocking=True) for c in crops]
-        if device.type == "cuda":
+        if cfg.channels_last:
             crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
         loss = train_step(model, criterion, optimizer, crops, queue, lr,
                           iteration < cfg.freeze_prototypes_niters, autocast)
