@@ -45,14 +45,14 @@ Known deviations from the PIL reference (all small; tests check the distribution
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from .multicrop import BLUR_RADIUS, IMAGENET_MEAN, IMAGENET_STD, _check_rgb_triple
+from .multicrop import (BLUR_RADIUS, IMAGENET_MEAN, IMAGENET_STD, _check_rgb_triple,
+                        validate_crop_groups)
 
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 CROP_TRIES = 10
@@ -272,21 +272,7 @@ class BatchedMultiCrop:
         blur_sigma: Sequence[float] = BLUR_RADIUS,
         resize_dtype: Optional[torch.dtype] = None,
     ):
-        groups = [tuple(size_crops), tuple(n_crops), tuple(min_scale), tuple(max_scale)]
-        if len({len(g) for g in groups}) != 1 or not groups[0]:
-            raise ValueError(
-                "size_crops, n_crops, min_scale and max_scale need the same non-zero length, "
-                f"got {', '.join(str(len(g)) for g in groups)}")
-        for size in size_crops:
-            if not isinstance(size, numbers.Integral) or size <= 0:
-                raise ValueError(f"size_crops must be positive integers, got {tuple(size_crops)}")
-        for count in n_crops:
-            if not isinstance(count, numbers.Integral) or count <= 0:
-                raise ValueError(f"n_crops must be positive integers, got {tuple(n_crops)}")
-        for low, high in zip(min_scale, max_scale):
-            if not 0 < low <= high <= 1:
-                raise ValueError(
-                    f"crop scales need 0 < min_scale <= max_scale <= 1, got ({low}, {high})")
+        validate_crop_groups(size_crops, n_crops, min_scale, max_scale)
         for name, p in (("blur_prob", blur_prob), ("jitter_prob", jitter_prob),
                         ("grayscale_prob", grayscale_prob), ("flip_prob", flip_prob)):
             if not 0 <= p <= 1:

@@ -91,6 +91,25 @@ def _check_rgb_triple(name: str, values, positive: bool) -> tuple:
     return values
 
 
+def validate_crop_groups(size_crops, n_crops, min_scale, max_scale) -> None:
+    """Check the per-group multi-crop arguments (shared by the PIL and batched paths)."""
+    groups = [tuple(size_crops), tuple(n_crops), tuple(min_scale), tuple(max_scale)]
+    if len({len(g) for g in groups}) != 1 or not groups[0]:
+        raise ValueError(
+            "size_crops, n_crops, min_scale and max_scale need the same non-zero length, "
+            f"got {', '.join(str(len(g)) for g in groups)}")
+    for size in size_crops:
+        if not isinstance(size, numbers.Integral) or size <= 0:
+            raise ValueError(f"size_crops must be positive integers, got {tuple(size_crops)}")
+    for count in n_crops:
+        if not isinstance(count, numbers.Integral) or count <= 0:
+            raise ValueError(f"n_crops must be positive integers, got {tuple(n_crops)}")
+    for low, high in zip(min_scale, max_scale):
+        if not 0 < low <= high <= 1:
+            raise ValueError(
+                f"crop scales need 0 < min_scale <= max_scale <= 1, got ({low}, {high})")
+
+
 class MultiCropTransform:
     """PIL image -> list of ``sum(n_crops)`` float tensors [3, s, s], crop-major order.
 
@@ -110,21 +129,7 @@ class MultiCropTransform:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ):
-        groups = [tuple(size_crops), tuple(n_crops), tuple(min_scale), tuple(max_scale)]
-        if len({len(g) for g in groups}) != 1 or not groups[0]:
-            raise ValueError(
-                "size_crops, n_crops, min_scale and max_scale need the same non-zero length, "
-                f"got {', '.join(str(len(g)) for g in groups)}")
-        for size in size_crops:
-            if not isinstance(size, numbers.Integral) or size <= 0:
-                raise ValueError(f"size_crops must be positive integers, got {tuple(size_crops)}")
-        for count in n_crops:
-            if not isinstance(count, numbers.Integral) or count <= 0:
-                raise ValueError(f"n_crops must be positive integers, got {tuple(n_crops)}")
-        for low, high in zip(min_scale, max_scale):
-            if not 0 < low <= high <= 1:
-                raise ValueError(
-                    f"crop scales need 0 < min_scale <= max_scale <= 1, got ({low}, {high})")
+        validate_crop_groups(size_crops, n_crops, min_scale, max_scale)
         if not 0 <= blur_prob <= 1:
             raise ValueError(f"blur_prob must be in [0, 1], got {blur_prob}")
         if jitter_strength < 0:
