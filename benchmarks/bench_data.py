@@ -129,6 +129,8 @@ def main(argv=None) -> None:
                         help="small run for the CPU: 24 JPEGs, batch 16, 2 repeats")
     parser.add_argument("--dry-run", action="store_true", help="print, write no CSV rows")
     args = parser.parse_args(argv)
+    if not args.zip.is_file():
+        parser.error(f"zip of JPEGs not found: {args.zip} (pass --zip PATH)")
     if args.quick:
         args.images, args.batch, args.repeats = min(args.images, 24), min(args.batch, 16), 2
     torch.set_num_threads(args.threads)
