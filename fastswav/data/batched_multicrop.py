@@ -272,7 +272,8 @@ class BatchedMultiCrop:
         blur_sigma: Sequence[float] = BLUR_RADIUS,
         resize_dtype: Optional[torch.dtype] = None,
     ):
-        validate_crop_groups(size_crops, n_crops, min_scale, max_scale)
+        self.size_crops, self.n_crops, self.min_scale, self.max_scale = validate_crop_groups(
+            size_crops, n_crops, min_scale, max_scale)
         for name, p in (("blur_prob", blur_prob), ("jitter_prob", jitter_prob),
                         ("grayscale_prob", grayscale_prob), ("flip_prob", flip_prob)):
             if not 0 <= p <= 1:
@@ -286,10 +287,6 @@ class BatchedMultiCrop:
         mean = _check_rgb_triple("mean", mean, positive=False)
         std = _check_rgb_triple("std", std, positive=True)
 
-        self.size_crops = tuple(int(s) for s in size_crops)
-        self.n_crops = tuple(int(n) for n in n_crops)
-        self.min_scale = tuple(float(s) for s in min_scale)
-        self.max_scale = tuple(float(s) for s in max_scale)
         self.blur_prob = float(blur_prob)
         self.jitter_strength = float(jitter_strength)
         self.jitter_prob = float(jitter_prob)

@@ -91,8 +91,9 @@ def _check_rgb_triple(name: str, values, positive: bool) -> tuple:
     return values
 
 
-def validate_crop_groups(size_crops, n_crops, min_scale, max_scale) -> None:
-    """Check the per-group multi-crop arguments (shared by the PIL and batched paths)."""
+def validate_crop_groups(size_crops, n_crops, min_scale, max_scale) -> tuple:
+    """Check the per-group multi-crop arguments (shared by the PIL and batched paths) and
+    return them as (sizes, counts, min scales, max scales) tuples of int/float."""
     groups = [tuple(size_crops), tuple(n_crops), tuple(min_scale), tuple(max_scale)]
     if len({len(g) for g in groups}) != 1 or not groups[0]:
         raise ValueError(
@@ -108,6 +109,8 @@ def validate_crop_groups(size_crops, n_crops, min_scale, max_scale) -> None:
         if not 0 < low <= high <= 1:
             raise ValueError(
                 f"crop scales need 0 < min_scale <= max_scale <= 1, got ({low}, {high})")
+    return (tuple(int(s) for s in size_crops), tuple(int(n) for n in n_crops),
+            tuple(float(s) for s in min_scale), tuple(float(s) for s in max_scale))
 
 
 class MultiCropTransform:
@@ -129,7 +132,8 @@ class MultiCropTransform:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ):
-        validate_crop_groups(size_crops, n_crops, min_scale, max_scale)
+        self.size_crops, self.n_crops, self.min_scale, self.max_scale = validate_crop_groups(
+            size_crops, n_crops, min_scale, max_scale)
         if not 0 <= blur_prob <= 1:
             raise ValueError(f"blur_prob must be in [0, 1], got {blur_prob}")
         if jitter_strength < 0:
@@ -137,10 +141,6 @@ class MultiCropTransform:
         mean = _check_rgb_triple("mean", mean, positive=False)
         std = _check_rgb_triple("std", std, positive=True)
 
-        self.size_crops = tuple(int(s) for s in size_crops)
-        self.n_crops = tuple(int(n) for n in n_crops)
-        self.min_scale = tuple(float(s) for s in min_scale)
-        self.max_scale = tuple(float(s) for s in max_scale)
         self.blur_prob = float(blur_prob)
         self.jitter_strength = float(jitter_strength)
         self.mean, self.std = mean, std
