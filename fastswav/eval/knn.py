@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from fastswav.data.sources import ImageSource, UnreadableImageError
+from fastswav.eval.common import add_probe_arguments, open_probe_inputs
 
 log = logging.getLogger("fastswav")
 
@@ -240,17 +241,8 @@ def _parser() -> argparse.ArgumentParser:
             "python -m fastswav.eval.knn --checkpoint path/to/checkpoint.pt "
             "--data ../shared/data/cifar10-jpeg.zip --max-train 10000 --max-test 2000"),
     )
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint written by fastswav.train (its trunk is evaluated)")
-    parser.add_argument("--data", required=True,
-                        help="image folder, zip of images, or torchvision CIFAR-10 folder")
-    parser.add_argument("--kind", default="auto",
-                        choices=("auto", "folder", "zip", "torchvision-cifar10"),
-                        help="how to read --data (default: auto, from the path)")
-    parser.add_argument("--train-split", default="train", choices=("train", "val", "test"),
-                        help="split used as the kNN memory (default: train)")
-    parser.add_argument("--test-split", default="test", choices=("train", "val", "test"),
-                        help="split used as queries (default: test; val where there is no test)")
+    add_probe_arguments(parser, "split used as the kNN memory (default: train)",
+                        "split used as queries (default: test; val where there is no test)")
     parser.add_argument("--k", type=int, default=20, help="neighbours per query (default: 20)")
     parser.add_argument("--temperature", type=float, default=0.07,
                         help="vote weight is exp(similarity / temperature) (default: 0.07)")
@@ -277,19 +269,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.exit(f"error: --temperature must be > 0, got {args.temperature}")
     if args.num_workers < 0:
         sys.exit(f"error: --num-workers must be >= 0, got {args.num_workers}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    from fastswav.data.sources import open_source
-    from fastswav.model import load_trunk_from_checkpoint  # lazy: the model module is heavier
-
-    try:
-        train_source = open_source(args.data, args.train_split, args.kind)
-        test_source = open_source(args.data, args.test_split, args.kind)
-        trunk, image_size = load_trunk_from_checkpoint(args.checkpoint, map_location="cpu")
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
-    trunk = trunk.to(device)
+    train_source, test_source, trunk, image_size, device = open_probe_inputs(args, "kNN")
     top1 = knn_eval(trunk, train_source, test_source, image_size, k=args.k,
                     temperature=args.temperature, batch_size=args.batch_size, device=device,
                     max_train=args.max_train, max_test=args.max_test,

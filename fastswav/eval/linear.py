@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fastswav.data.sources import ImageSource
+from fastswav.eval.common import add_probe_arguments, open_probe_inputs
 from fastswav.eval.knn import (_collate_readable, _EvalImages, _test_labels_in_train_classes,
                                balanced_subset, extract_features)
 
@@ -309,17 +310,8 @@ def _parser() -> argparse.ArgumentParser:
             "the folder or zip they were written from. Example: python -m fastswav.eval.linear "
             "--checkpoint runs/demo/checkpoint_epoch0006.pt --data ../shared/data/cifar10-jpeg.zip"),
     )
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint written by fastswav.train (its trunk is evaluated)")
-    parser.add_argument("--data", required=True,
-                        help="image folder, zip of images, or torchvision CIFAR-10 folder")
-    parser.add_argument("--kind", default="auto",
-                        choices=("auto", "folder", "zip", "torchvision-cifar10"),
-                        help="how to read --data (default: auto, from the path)")
-    parser.add_argument("--train-split", default="train", choices=("train", "val", "test"),
-                        help="split the classifier trains on (default: train)")
-    parser.add_argument("--test-split", default="test", choices=("train", "val", "test"),
-                        help="split it is scored on (default: test; val where there is no test)")
+    add_probe_arguments(parser, "split the classifier trains on (default: train)",
+                        "split it is scored on (default: test; val where there is no test)")
     parser.add_argument("--mode", default="auto", choices=MODES,
                         help="fast, official, or auto (fast for small data; default)")
     parser.add_argument("--max-train", type=int, default=None,
@@ -368,23 +360,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if str(args.data).endswith(".beton"):
         sys.exit(f"error: {args.data}: FFCV .beton files are not supported by the linear probe "
                  "yet; pass the image folder or zip the file was written from")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    from fastswav.data.sources import open_source
-    from fastswav.model import load_trunk_from_checkpoint
-
-    try:
-        train_source = open_source(args.data, args.train_split, args.kind)
-        test_source = open_source(args.data, args.test_split, args.kind)
-        for name, source in (("training", train_source), ("test", test_source)):
-            if len(source.classes) == 0 or int(source.labels.min()) < 0:
-                raise ValueError(f"the linear probe needs labelled images; the {name} images "
-                                 f"in {source.path} have no labels")
-        trunk, image_size = load_trunk_from_checkpoint(args.checkpoint, map_location="cpu")
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
-    trunk = trunk.to(device)
+    train_source, test_source, trunk, image_size, device = open_probe_inputs(
+        args, "the linear probe")
     n_train = min(len(train_source), args.max_train or len(train_source))
     mode = args.mode
     if mode == "auto":

@@ -1,0 +1,45 @@
+"""What the evaluation CLIs (kNN, linear probe) share: their data and checkpoint arguments,
+and opening those with one-line errors."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+DATA_KINDS = ("auto", "folder", "zip", "torchvision-cifar10")
+SPLITS = ("train", "val", "test")
+
+
+def add_probe_arguments(parser: argparse.ArgumentParser, train_split_help: str,
+                        test_split_help: str) -> None:
+    """--checkpoint, --data, --kind, --train-split and --test-split."""
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint written by fastswav.train (its trunk is evaluated)")
+    parser.add_argument("--data", required=True,
+                        help="image folder, zip of images, or torchvision CIFAR-10 folder")
+    parser.add_argument("--kind", default="auto", choices=DATA_KINDS,
+                        help="how to read --data (default: auto, from the path)")
+    parser.add_argument("--train-split", default="train", choices=SPLITS, help=train_split_help)
+    parser.add_argument("--test-split", default="test", choices=SPLITS, help=test_split_help)
+
+
+def open_probe_inputs(args: argparse.Namespace, what: str):
+    """(train source, test source, trunk on the chosen device, image size, device) from the
+    parsed arguments; exits with a one-line ``error:`` for a missing or unusable input.
+    ``what`` names the evaluation in the message about unlabelled data."""
+    from fastswav.data.sources import open_source
+    from fastswav.model import load_trunk_from_checkpoint  # lazy: the model module is heavier
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        train_source = open_source(args.data, args.train_split, args.kind)
+        test_source = open_source(args.data, args.test_split, args.kind)
+        for name, source in (("training", train_source), ("test", test_source)):
+            if len(source.classes) == 0 or int(source.labels.min()) < 0:
+                raise ValueError(f"{what} needs labelled images; the {name} images "
+                                 f"in {source.path} have no labels")
+        trunk, image_size = load_trunk_from_checkpoint(args.checkpoint, map_location="cpu")
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    return train_source, test_source, trunk.to(device), image_size, device
