@@ -5,36 +5,53 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-_NAME = re.compile(r"checkpoint_epoch(\d+)\.pt$")
+# checkpoint_epoch0004.pt: 4 epochs done. checkpoint_epoch0004_step000120.pt: 4 epochs and
+# 120 steps of the fifth done (written when a run is preempted mid-epoch).
+_NAME = re.compile(r"checkpoint_epoch(\d+)(?:_step(\d+))?\.pt$")
 
 
-def checkpoint_path(run_dir, epoch: int) -> Path:
-    return Path(run_dir) / f"checkpoint_epoch{epoch:04d}.pt"
+def _suffix(epoch: int, step: int) -> str:
+    return f"epoch{epoch:04d}" + (f"_step{step:06d}" if step else "")
 
 
-def queue_path(run_dir, epoch: int, rank: int) -> Path:
+def checkpoint_path(run_dir, epoch: int, step: int = 0) -> Path:
+    """The checkpoint after ``epoch`` whole epochs and ``step`` more steps."""
+    return Path(run_dir) / f"checkpoint_{_suffix(epoch, step)}.pt"
+
+
+def queue_path(run_dir, epoch: int, rank: int, step: int = 0) -> Path:
     """Each process keeps its own queue (as in the official code): one file per rank."""
-    return Path(run_dir) / f"queue_rank{rank}_epoch{epoch:04d}.pt"
+    return Path(run_dir) / f"queue_rank{rank}_{_suffix(epoch, step)}.pt"
+
+
+def _position(match) -> tuple:
+    return int(match.group(1)), int(match.group(2) or 0)
 
 
 def prune_checkpoints(run_dir, keep: int, rank: int) -> None:
-    """Delete all but the ``keep`` newest epochs' files (0: keep everything).
+    """Delete all but the ``keep`` newest epochs' files (0: keep everything), and every
+    mid-epoch file older than the newest checkpoint (it has been superseded).
 
     Rank 0 prunes the model checkpoints; every rank prunes its own queue files.
     """
-    if keep <= 0:
-        return
     run_dir = Path(run_dir)
-    patterns = [re.compile(rf"queue_rank{rank}_epoch(\d+)\.pt$")]
+    patterns = [re.compile(rf"queue_rank{rank}_epoch(\d+)(?:_step(\d+))?\.pt$")]
     if rank == 0:
         patterns.append(_NAME)
     for pattern in patterns:
-        found = sorted((int(m.group(1)), p) for p in run_dir.iterdir() if (m := pattern.search(p.name)))
-        for _, path in found[:-keep]:
+        found = sorted((_position(m), p) for p in run_dir.iterdir() if (m := pattern.search(p.name)))
+        if not found:
+            continue
+        newest = found[-1][0]
+        whole = [(pos, p) for pos, p in found if pos[1] == 0]
+        doomed = [p for pos, p in found if pos[1] and pos < newest]
+        if keep > 0:
+            doomed += [p for _, p in whole[:-keep]]
+        for path in doomed:
             path.unlink(missing_ok=True)
 
 
@@ -65,10 +82,18 @@ def load_checkpoint(path, map_location="cpu") -> Dict[str, Any]:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def checkpoint_position(path) -> Tuple[int, int]:
+    """(whole epochs done, steps done in the next epoch) from a checkpoint's file name."""
+    match = _NAME.search(Path(path).name)
+    if match is None:
+        raise ValueError(f"not a fastswav checkpoint name: {path}")
+    return _position(match)
+
+
 def latest_checkpoint(run_dir) -> Optional[Path]:
-    """The checkpoint of the highest epoch in ``run_dir``, or None."""
+    """The furthest checkpoint in ``run_dir`` (by epoch, then step), or None."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return None
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.search(p.name))]
+    found = [(_position(m), p) for p in run_dir.iterdir() if (m := _NAME.search(p.name))]
     return max(found)[1] if found else None

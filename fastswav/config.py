@@ -36,6 +36,7 @@ class Config:
     n_prototypes: int = field(default=3000, metadata={"help": "number of prototypes K"})
     channels_last: bool = field(default=True, metadata={"help": "NHWC memory format for the trunk on CUDA (ignored on the CPU, where torch 2.14's oneDNN NHWC convolutions gave run-to-run differences)"})
     sync_bn: bool = field(default=True, metadata={"help": "SyncBatchNorm across CUDA processes"})
+    sync_bn_group_size: int = field(default=0, metadata={"help": "processes per SyncBatchNorm group (0: all; must divide the process count)"})
     # loss
     crops_for_assign: Tuple[int, ...] = field(default=(0, 1), metadata={"help": "crops whose codes are predicted"})
     temperature: float = field(default=0.1, metadata={"help": "softmax temperature"})
@@ -58,12 +59,18 @@ class Config:
     trust_coefficient: float = field(default=0.001, metadata={"help": "LARS trust coefficient"})
     lars_exclude_bn_bias: bool = field(default=False, metadata={"help": "no LARS adaptation or decay for BN and bias parameters"})
     freeze_prototypes_niters: int = field(default=313, metadata={"help": "iterations during which the prototypes are not updated"})
+    # speed and scale-out
+    compile: str = field(default="none", metadata={"help": "torch.compile the forward and loss: none | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs"})
+    ddp_bucket_mb: int = field(default=25, metadata={"help": "DDP gradient bucket size in MB"})
     # run
     seed: int = field(default=31, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     output_dir: str = field(default="", metadata={"help": "run folder (default runs/<preset>)"})
     keep_checkpoints: int = field(default=3, metadata={"help": "epoch checkpoints kept in the run folder (0: all)"})
-    log_every: int = field(default=20, metadata={"help": "steps between JSON-lines log records"})
+    log_every: int = field(default=20, metadata={"help": "steps between log records (and the only host syncs of the step loop)"})
+    tensorboard: bool = field(default=True, metadata={"help": "also write TensorBoard scalars to RUN/tensorboard when the tensorboard package is installed"})
+    nvtx: bool = field(default=False, metadata={"help": "NVTX ranges around the step phases (on by itself inside a profile window)"})
+    profile: str = field(default="", metadata={"help": "START:STOP iterations between cudaProfilerStart and cudaProfilerStop, for nsys --capture-range=cudaProfilerApi or ncu --profile-from-start off"})
     knn_at_end: bool = field(default=False, metadata={"help": "kNN accuracy at initialisation and after training"})
     knn_k: int = field(default=20, metadata={"help": "kNN neighbours"})
     knn_temperature: float = field(default=0.07, metadata={"help": "kNN weighting temperature"})
@@ -99,6 +106,14 @@ class Config:
             raise ValueError(f"optimizer={self.optimizer!r}: expected lars or sgd")
         if self.augment not in ("pil", "batched"):
             raise ValueError(f"augment={self.augment!r}: expected pil or batched")
+        from .profiling import parse_window
+        from .step import COMPILE_MODES
+
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile={self.compile!r}: expected one of {', '.join(COMPILE_MODES)}")
+        parse_window(self.profile)
+        if self.sync_bn_group_size < 0 or self.ddp_bucket_mb < 1:
+            raise ValueError("sync_bn_group_size must be >= 0 and ddp_bucket_mb >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: expected auto, cpu or cuda")
 

@@ -60,3 +60,22 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def sync_bn_group(info: DistInfo, group_size: int):
+    """The process group for SyncBatchNorm: None (all processes) for ``group_size`` 0 or the
+    world size, else consecutive blocks of ``group_size`` ranks (e.g. one node each).
+
+    Every rank creates every block's group (``new_group`` is collective) and keeps its own.
+    """
+    if group_size in (0, info.world_size) or not info.enabled:
+        return None
+    if group_size < 1 or info.world_size % group_size:
+        raise ValueError(f"sync_bn_group_size={group_size} must divide the process count "
+                         f"{info.world_size}")
+    mine = None
+    for start in range(0, info.world_size, group_size):
+        group = dist.new_group(list(range(start, start + group_size)))
+        if start <= info.rank < start + group_size:
+            mine = group
+    return mine

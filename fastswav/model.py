@@ -10,6 +10,8 @@ from torch import nn
 from torchvision.models import resnet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from .profiling import nvtx_range
+
 # name -> (block, layers); a "w<N>" suffix widens every stage N times (SwAV's RN50w2/w4/w5).
 _DEPTHS = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
@@ -106,7 +108,8 @@ class SwAVModel(nn.Module):
             while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
                 end += 1
             group = torch.cat(list(crops[start:end])) if end - start > 1 else crops[start]
-            feats.append(self.trunk(group))
+            with nvtx_range(f"forward/group{len(feats)}"):
+                feats.append(self.trunk(group))
             start = end
         return torch.cat(feats) if len(feats) > 1 else feats[0]
 

@@ -16,22 +16,28 @@ import random
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints,
                          queue_path, save_checkpoint)
 from .config import DEFAULT_PRESET, PRESETS, Config, field_help, parse_value, preset
-from .distributed import DistInfo, barrier, init_distributed, shutdown
+from .distributed import DistInfo, barrier, init_distributed, shutdown, sync_bn_group
+from .faults import (EXIT_DIVERGED, EXIT_PREEMPTED, Diverged, NonFiniteTracker, PreemptionHandler,
+                     Preempted, code_entropy_ratio, looks_collapsed)
 from .loss import SwAVLoss
-from .model import SwAVModel, build_model
-from .ops.prototypes import normalize_prototypes_
-from .optim import LARS, lars_param_groups, learning_rate, set_lr
+from .model import build_model
+from .ops.sinkhorn import sinkhorn_knopp
+from .optim import LARS, lars_param_groups, learning_rate
+from .profiling import ProfileWindow, enable_nvtx, nvtx_range, parse_window
 from .queue import FeatureQueue
+from .step import TrainStep, unwrap
 
 log = logging.getLogger("fastswav")
 
@@ -145,15 +151,20 @@ def use_channels_last(cfg: Config, device: torch.device) -> bool:
     return cfg.channels_last and device.type == "cuda"
 
 
-def unwrap(model: nn.Module) -> SwAVModel:
-    return model.module if hasattr(model, "module") else model
+class RunLog:
+    """The run's records: JSON lines in RUN/log.jsonl, and TensorBoard scalars in
+    RUN/tensorboard when enabled and the tensorboard package is installed (main process)."""
 
-
-class JsonLog:
-    """Append-only JSON-lines log of the run (main process only)."""
-
-    def __init__(self, path: Optional[Path]):
-        self.path = path
+    def __init__(self, run_dir: Path, main: bool, tensorboard: bool):
+        self.path = run_dir / "log.jsonl" if main else None
+        self.tb = None
+        if main and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.info("tensorboard not installed: logging to %s only", self.path)
+            else:
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, **record) -> None:
         if self.path is None:
@@ -161,6 +172,21 @@ class JsonLog:
         record.setdefault("time", time.time())
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            event = record.get("event")
+            if event == "step":
+                for key in ("loss", "lr", "img_per_s", "code_entropy"):
+                    if record.get(key) is not None:
+                        self.tb.add_scalar(f"train/{key}", record[key], record["iteration"])
+            elif event == "epoch":
+                self.tb.add_scalar("epoch/loss", record["loss"], record["epoch"])
+            elif event == "knn":
+                self.tb.add_scalar("eval/knn_top1", record["knn_top1"], record["epoch"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
 
 # ---------------------------------------------------------------------------- data
@@ -236,32 +262,48 @@ def build_optimizer(cfg: Config, model: nn.Module, lr: float) -> torch.optim.Opt
                 trust_coefficient=cfg.trust_coefficient)
 
 
-def train_step(model: nn.Module, criterion: SwAVLoss, optimizer: torch.optim.Optimizer,
-               crops: List[torch.Tensor], queue: Optional[FeatureQueue], lr: float,
-               freeze_prototypes: bool, autocast) -> torch.Tensor:
-    """One SwAV step; returns the loss (not synchronised)."""
-    prototypes = unwrap(model).prototypes.weight
-    normalize_prototypes_(prototypes)
-    set_lr(optimizer, lr)
-    with autocast():
-        embeddings = model(crops)
-    loss = criterion(embeddings, prototypes, queue)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if freeze_prototypes:
-        prototypes.grad = None  # the official freeze: no update, no momentum, no decay
-    optimizer.step()
-    return loss.detach()
+def wrap_ddp(cfg: Config, model: nn.Module, device: torch.device) -> nn.Module:
+    kwargs = dict(bucket_cap_mb=cfg.ddp_bucket_mb, gradient_as_bucket_view=True)
+    if device.type == "cuda":
+        kwargs["device_ids"] = [device.index]
+    return nn.parallel.DistributedDataParallel(model, **kwargs)
 
 
 def run(cfg: Config, preset_name: str = DEFAULT_PRESET, resume: bool = True) -> dict:
-    """Train as ``cfg`` says; returns a summary (final loss, kNN figures, run folder)."""
+    """Train as ``cfg`` says; returns a summary (final loss, kNN figures, run folder).
+
+    Raises :class:`fastswav.faults.Preempted` after saving a checkpoint on SIGTERM/SIGUSR1,
+    and :class:`fastswav.faults.Diverged` when the loss becomes non-finite.
+    """
     device = select_device(cfg.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     dist_info = init_distributed(device.type)
     try:
         return _run(cfg, preset_name, resume, device, dist_info)
     finally:
         shutdown(dist_info)
+
+
+@dataclass
+class _Loop:
+    """What the epoch loop needs, built once by :func:`_run`."""
+    cfg: Config
+    model: nn.Module
+    step: TrainStep
+    criterion: SwAVLoss
+    loader: object
+    iters_per_epoch: int
+    lrs: Tuple[float, float, float]
+    device: torch.device
+    dist_info: DistInfo
+    log: RunLog
+    nonfinite: NonFiniteTracker
+    preemption: PreemptionHandler
+    window: ProfileWindow
+    queue: Optional[FeatureQueue] = None
+    collapse_from: int = 0  # first iteration at which collapse is looked for
+    first_step_seconds: Optional[float] = None
 
 
 def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist_info: DistInfo) -> dict:
@@ -276,8 +318,9 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
         print(f"fastswav: preset {preset_name}, {dist_info.world_size} process(es) on {device}; "
               f"run folder {run_dir}\nconfig: " + textwrap.fill(fields_text, 100, subsequent_indent="  "),
               flush=True)
-    jlog = JsonLog(run_dir / "log.jsonl" if main else None)
     seed_everything(cfg.seed)
+    window = parse_window(cfg.profile)
+    enable_nvtx(cfg.nvtx or window is not None)
 
     source, loader = build_data(cfg, dist_info, device)
     iters_per_epoch = len(source) // (cfg.batch_size * dist_info.world_size)
@@ -289,112 +332,176 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
     if use_channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda" and cfg.sync_bn and dist_info.enabled:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(
+            model, process_group=sync_bn_group(dist_info, cfg.sync_bn_group_size))
     optimizer = build_optimizer(cfg, model, base_lr)
     criterion = SwAVLoss(cfg.total_crops, cfg.crops_for_assign, cfg.temperature, cfg.epsilon,
                          cfg.sinkhorn_iterations)
     queue_len = process_queue_length(cfg, dist_info.world_size)
     queue: Optional[FeatureQueue] = None
 
-    start_epoch, knn_init = 0, None
+    start_epoch, start_step, knn_init = 0, 0, None
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch, knn_init = state["epoch"], state.get("knn_init")
-        queue_file = queue_path(run_dir, start_epoch, dist_info.rank)
+        start_epoch, start_step = state["epoch"], state.get("step", 0)
+        knn_init = state.get("knn_init")
+        queue_file = queue_path(run_dir, start_epoch, dist_info.rank, start_step)
         if queue_len and queue_file.exists():
             queue = FeatureQueue(len(cfg.crops_for_assign), queue_len, cfg.out_dim, device=device)
             queue.load_state_dict(load_checkpoint(queue_file, map_location=device))
         elif queue_len and start_epoch > cfg.epoch_queue_starts:
             log.warning("no saved queue %s: the queue starts empty and fills again", queue_file)
         if main:
-            print(f"resumed from {ckpt} (epoch {start_epoch} done)", flush=True)
-    elif cfg.knn_at_end:
+            where = f"epoch {start_epoch} done" + (f" and {start_step} steps" if start_step else "")
+            print(f"resumed from {ckpt} ({where})", flush=True)
+    run_log = RunLog(run_dir, main, cfg.tensorboard)
+    if ckpt is None and cfg.knn_at_end:
         knn_init = knn_accuracy(cfg, model, device)
         if main and knn_init is not None:
             print(f"kNN top-1 at initialisation: {knn_init:.2f}%", flush=True)
-            jlog.write(event="knn", epoch=0, knn_top1=knn_init)
+            run_log.write(event="knn", epoch=0, knn_top1=knn_init)
 
     if dist_info.enabled:
-        ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
-        model = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+        model = wrap_ddp(cfg, model, device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
         else contextlib.nullcontext
+    if cfg.compile != "none" and main:
+        print(f"torch.compile mode {cfg.compile}: the first steps of each shape compile", flush=True)
+    loop = _Loop(cfg=cfg, model=model, step=TrainStep(model, criterion, optimizer, autocast, cfg.compile),
+                 criterion=criterion, loader=loader, iters_per_epoch=iters_per_epoch,
+                 lrs=(base_lr, final_lr, start_warmup), device=device, dist_info=dist_info,
+                 log=run_log, nonfinite=NonFiniteTracker(device), preemption=PreemptionHandler(),
+                 window=ProfileWindow(window, device), queue=queue,
+                 collapse_from=max(cfg.freeze_prototypes_niters, cfg.warmup_epochs * iters_per_epoch))
 
-    last_loss = float("nan")
-    for epoch in range(start_epoch, cfg.epochs):
-        # Reseed per epoch so that a resumed run draws the same augmentations.
-        seed_everything(cfg.seed + 1000 * epoch + dist_info.rank)
-        if queue_len and epoch >= cfg.epoch_queue_starts and queue is None:
-            queue = FeatureQueue(len(cfg.crops_for_assign), queue_len, cfg.out_dim, device=device)
-        model.train()
-        loader.set_epoch(epoch)
-        last_loss = _train_epoch(cfg, model, criterion, optimizer, queue, loader, epoch,
-                                 iters_per_epoch, (base_lr, final_lr, start_warmup), device,
-                                 dist_info, autocast, jlog)
-        state = {"epoch": epoch + 1, "model": unwrap(model).state_dict(),
+    def save(epochs_done: int, steps_done: int) -> Path:
+        """Checkpoint (and this rank's queue) after ``epochs_done`` epochs + ``steps_done``."""
+        loop.nonfinite.check(dist_info.enabled)  # never save a diverged model
+        state = {"epoch": epochs_done, "step": steps_done, "model": unwrap(model).state_dict(),
                  "optimizer": optimizer.state_dict(), "config": cfg.to_dict(), "knn_init": knn_init}
         # Queue files first: a checkpoint that exists always has its queues beside it.
-        if queue is not None:
-            save_checkpoint(queue.state_dict(), queue_path(run_dir, epoch + 1, dist_info.rank))
+        if loop.queue is not None:
+            save_checkpoint(loop.queue.state_dict(),
+                            queue_path(run_dir, epochs_done, dist_info.rank, steps_done))
         barrier(dist_info)
+        path = checkpoint_path(run_dir, epochs_done, steps_done)
         if main:
-            save_checkpoint(state, checkpoint_path(run_dir, epoch + 1))
+            save_checkpoint(state, path)
         barrier(dist_info)
         prune_checkpoints(run_dir, cfg.keep_checkpoints, dist_info.rank)
+        return path
 
-    summary = {"run_dir": str(run_dir), "loss": last_loss, "knn_init": knn_init, "knn_trained": None}
-    if cfg.knn_at_end:
-        knn_trained = knn_accuracy(cfg, model, device)
-        summary["knn_trained"] = knn_trained
-        if main and knn_trained is not None:
-            jlog.write(event="knn", epoch=cfg.epochs, knn_top1=knn_trained)
-            init_text = f"{knn_init:.2f}%" if knn_init is not None else "n/a"
-            print(f"kNN top-1: init {init_text} -> trained {knn_trained:.2f}%", flush=True)
-    return summary
+    last_loss = float("nan")
+    try:
+        with loop.preemption:
+            for epoch in range(start_epoch, cfg.epochs):
+                first = start_step if epoch == start_epoch else 0
+                # Reseed per epoch so that a resumed run draws the same augmentations.
+                seed_everything(cfg.seed + 1000 * epoch + dist_info.rank)
+                if queue_len and epoch >= cfg.epoch_queue_starts and loop.queue is None:
+                    loop.queue = FeatureQueue(len(cfg.crops_for_assign), queue_len, cfg.out_dim,
+                                              device=device)
+                model.train()
+                loader.set_epoch(epoch, start_batch=first)
+                last_loss, stopped_at = _train_epoch(loop, epoch, first)
+                if stopped_at is not None:
+                    raise Preempted(save(epoch, stopped_at), loop.preemption.signal_name)
+                path = save(epoch + 1, 0)
+                if epoch + 1 < cfg.epochs and loop.preemption.should_stop(dist_info.enabled, device):
+                    raise Preempted(path, loop.preemption.signal_name)
+        summary = {"run_dir": str(run_dir), "loss": last_loss, "knn_init": knn_init,
+                   "knn_trained": None, "first_step_seconds": loop.first_step_seconds}
+        if cfg.knn_at_end:
+            knn_trained = knn_accuracy(cfg, model, device)
+            summary["knn_trained"] = knn_trained
+            if main and knn_trained is not None:
+                run_log.write(event="knn", epoch=cfg.epochs, knn_top1=knn_trained)
+                init_text = f"{knn_init:.2f}%" if knn_init is not None else "n/a"
+                print(f"kNN top-1: init {init_text} -> trained {knn_trained:.2f}%", flush=True)
+        return summary
+    finally:
+        loop.window.close()
+        run_log.close()
 
 
-def _train_epoch(cfg, model, criterion, optimizer, queue, loader, epoch, iters_per_epoch,
-                 lrs, device, dist_info, autocast, jlog) -> float:
+def _code_entropy(loop: _Loop, embeddings: torch.Tensor) -> float:
+    """Code entropy / ln K of the first assigned crop (a collective under DDP)."""
+    cfg = loop.cfg
+    batch = embeddings.shape[0] // cfg.total_crops
+    crop = cfg.crops_for_assign[0]
+    z = F.normalize(embeddings[crop * batch:(crop + 1) * batch].float(), dim=1)
+    c = F.normalize(unwrap(loop.model).prototypes.weight.detach().float(), dim=1)
+    codes = sinkhorn_knopp(z @ c.t(), cfg.epsilon, cfg.sinkhorn_iterations)
+    return code_entropy_ratio(codes)
+
+
+def _train_epoch(loop: _Loop, epoch: int, first_step: int) -> Tuple[float, Optional[int]]:
+    """Steps ``first_step..`` of ``epoch``. Returns (mean logged loss, None), or
+    (that, steps done) when a preemption signal asks to stop mid-epoch."""
     from tqdm import tqdm
 
-    base_lr, final_lr, start_warmup = lrs
-    bar = tqdm(total=iters_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-               disable=not dist_info.is_main, dynamic_ncols=True, file=sys.stdout)
+    cfg, dist_info, device = loop.cfg, loop.dist_info, loop.device
+    base_lr, final_lr, start_warmup = loop.lrs
+    bar = tqdm(total=loop.iters_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               unit="step", disable=not dist_info.is_main, dynamic_ncols=True, file=sys.stdout)
     images, skipped, tick, loss_sum, loss_count = 0, 0, time.perf_counter(), 0.0, 0
-    loss = torch.zeros(())
-    for step_in_epoch, (crops, n_skipped) in enumerate(loader):
-        if step_in_epoch >= iters_per_epoch:
-            break
-        iteration = epoch * iters_per_epoch + step_in_epoch
-        lr = learning_rate(iteration, iters_per_epoch, cfg.epochs, base_lr, final_lr,
+    warned_collapse = False
+    batches = iter(loop.loader)
+    for step_in_epoch in range(first_step, loop.iters_per_epoch):
+        iteration = epoch * loop.iters_per_epoch + step_in_epoch
+        loop.window.before_iteration(iteration)
+        with nvtx_range("data"):
+            try:
+                crops, n_skipped = next(batches)
+            except StopIteration:
+                break
+        lr = learning_rate(iteration, loop.iters_per_epoch, cfg.epochs, base_lr, final_lr,
                            cfg.warmup_epochs, start_warmup)
-        crops = [c.to(device, non_blocking=True) for c in crops]
-        if use_channels_last(cfg, device):
-            crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
-        loss = train_step(model, criterion, optimizer, crops, queue, lr,
-                          iteration < cfg.freeze_prototypes_niters, autocast)
+        with nvtx_range("h2d"):
+            crops = [c.to(device, non_blocking=True) for c in crops]
+            if use_channels_last(cfg, device):
+                crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+        step_start = time.perf_counter() if loop.first_step_seconds is None else None
+        loss, embeddings = loop.step(crops, loop.queue, lr, iteration < cfg.freeze_prototypes_niters)
+        loop.nonfinite.update(loss, iteration)
+        if step_start is not None:  # includes compilation when compiling
+            loop.first_step_seconds = time.perf_counter() - step_start
         images += crops[0].shape[0] * dist_info.world_size
         skipped += int(n_skipped)
         bar.update(1)
-        if (step_in_epoch + 1) % cfg.log_every == 0 or step_in_epoch + 1 == iters_per_epoch:
-            value = loss.item()  # the only host sync, every log_every steps
-            if not math.isfinite(value):
-                raise FloatingPointError(f"non-finite loss {value} at iteration {iteration}")
+        log_step = (step_in_epoch + 1) % cfg.log_every == 0 or step_in_epoch + 1 == loop.iters_per_epoch
+        if log_step:
+            loop.nonfinite.check(dist_info.enabled)  # the host sync, every log_every steps
+            value = loss.item()
             loss_sum, loss_count = loss_sum + value, loss_count + 1
             rate = images / (time.perf_counter() - tick)
+            entropy = _code_entropy(loop, embeddings)
+            if (iteration >= loop.collapse_from and not warned_collapse and dist_info.is_main
+                    and looks_collapsed(value, entropy, cfg.n_prototypes)):
+                warned_collapse = True
+                log.warning("iteration %d: loss %.3f ~ ln K = %.3f with near-uniform codes "
+                            "(entropy %.2f of the maximum): training looks collapsed; try a "
+                            "lower learning rate, a longer prototype freeze or a smaller epsilon",
+                            iteration, value, math.log(cfg.n_prototypes), entropy)
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.1f}")
-            jlog.write(event="step", epoch=epoch, iteration=iteration, loss=value, lr=lr,
-                       img_per_s=rate, queue=None if queue is None else bool(queue.is_full()))
+            loop.log.write(event="step", epoch=epoch, iteration=iteration, loss=value, lr=lr,
+                           img_per_s=rate, code_entropy=entropy,
+                           queue=None if loop.queue is None else bool(loop.queue.is_full()))
+        # Signals are checked every step alone, at log steps (a collective) with several processes.
+        if (log_step or not dist_info.enabled) and step_in_epoch + 1 < loop.iters_per_epoch \
+                and loop.preemption.should_stop(dist_info.enabled, device):
+            bar.close()
+            return loss_sum / max(loss_count, 1), step_in_epoch + 1
     bar.close()
     if skipped:
         log.warning("epoch %d: skipped %d unreadable image(s)", epoch + 1, skipped)
     mean = loss_sum / max(loss_count, 1)
-    jlog.write(event="epoch", epoch=epoch + 1, loss=mean, skipped_images=skipped,
-               seconds=time.perf_counter() - tick)
-    return mean
+    loop.log.write(event="epoch", epoch=epoch + 1, loss=mean, skipped_images=skipped,
+                   seconds=time.perf_counter() - tick)
+    return mean, None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -405,6 +512,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Diverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except Preempted as exc:
+        print(f"fastswav: {exc}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -5,8 +5,10 @@ any kernel module is imported, so it is set here, first.
 """
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -33,3 +35,32 @@ def shared_data():
     if not os.path.isdir(path):
         pytest.fail(f"shared data folder not found at {path}; set FASTSWAV_SHARED_DATA")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """48 random 24x24 images in 3 classes, plus one corrupt file, train/ and test/."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 16), ("test", 4)):
+        for cls in ("a", "b", "c"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    (root / "train" / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+def tiny_config(data, out, **changes):
+    """The demo preset shrunk to a 2-step-per-epoch run on ``tiny_folder``."""
+    from fastswav.config import preset
+
+    base = preset("demo").replace(
+        data=str(data), output_dir=str(out), in_memory=False, workers=0, batch_size=8,
+        epochs=3, steps_per_epoch=2, warmup_epochs=1, arch="resnet18", trunk_width=4,
+        hidden_dim=16, out_dim=8, n_prototypes=6, n_crops=(2, 2), size_crops=(16, 8),
+        freeze_prototypes_niters=1, log_every=1, knn_at_end=False, seed=5,
+    )
+    return base.replace(**changes)

@@ -108,9 +108,13 @@ class ShardedShuffleSampler(Sampler):
         self.n, self.rank, self.world_size = n, rank, world_size
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
         self.augmentation_seeds = augmentation_seeds
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Shuffle for ``epoch``; leave out the first ``skip`` indices of this rank's shard
+        (resuming mid-epoch: the rest come exactly as in an uninterrupted epoch)."""
         self.epoch = epoch
+        self.skip = skip
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.world_size)
@@ -125,6 +129,7 @@ class ShardedShuffleSampler(Sampler):
         if padding:
             order = torch.cat([order, order[:padding]])
         shard = order[self.rank::self.world_size].tolist()
+        shard = shard[self.skip:]
         if not self.augmentation_seeds:
             return iter(shard)
         # One seed per image (drawn for all n, so it does not depend on the sharding).
@@ -135,8 +140,9 @@ class ShardedShuffleSampler(Sampler):
 class PretrainLoader(DataLoader):
     """A DataLoader over a :class:`ShardedShuffleSampler`; call ``set_epoch`` every epoch."""
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Shuffle for ``epoch``, starting at batch ``start_batch`` (to resume mid-epoch)."""
+        self.sampler.set_epoch(epoch, skip=start_batch * self.batch_size)
 
 
 def build_pretrain_loader(dataset: MultiCropDataset, batch_size: int, num_workers: int = 0,

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..profiling import nvtx_range
 from .loader import ShardedShuffleSampler
 from .sources import ImageSource, UnreadableImageError
 
@@ -111,7 +112,7 @@ class ResidentMultiCropLoader:
     Order: the same sharded shuffle as the reference loader (``seed + epoch``, padded to a
     multiple of ``world_size``, rank r takes every world_size-th index), so the ranks'
     shards are disjoint and together cover the data once per epoch. The augmentation draws
-    from one generator per (seed, epoch, rank), on ``device``. ``len()`` is the number of
+    from one generator per (seed, epoch, rank, batch), on ``device``. ``len()`` is the number of
     batches per epoch; call ``set_epoch`` every epoch.
     """
 
@@ -137,36 +138,42 @@ class ResidentMultiCropLoader:
         sizes = images.original_sizes
         canvas = torch.tensor(images.images.shape[2:], device=sizes.device)
         self._pass_sizes = bool((sizes != canvas).any())
+        self._start_batch = 0
 
     @property
     def epoch(self) -> int:
         return self.sampler.epoch
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Shuffle for ``epoch``, starting at batch ``start_batch`` (to resume mid-epoch:
+        the batches after it are exactly those of an uninterrupted epoch)."""
         self.sampler.set_epoch(epoch)
+        self._start_batch = start_batch
 
     def __len__(self) -> int:
         shard = len(self.sampler)
         return shard // self.batch_size if self.drop_last else math.ceil(shard / self.batch_size)
 
-    def _generator(self) -> torch.Generator:
-        # One seed per (seed, epoch, rank), mixed so that neighbouring values do not collide.
-        mixed = np.random.SeedSequence([self.sampler.seed, self.sampler.epoch,
-                                        self.sampler.rank]).generate_state(2, dtype=np.uint32)
+    def _generator(self, batch: int) -> torch.Generator:
+        # One seed per (seed, epoch, rank, batch), mixed so that neighbouring values do not
+        # collide; per batch, so that a run resumed mid-epoch draws the same crops.
+        mixed = np.random.SeedSequence([self.sampler.seed, self.sampler.epoch, self.sampler.rank,
+                                        batch]).generate_state(2, dtype=np.uint32)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(int(mixed[0]) << 31 | int(mixed[1]) >> 1)
         return generator
 
     def __iter__(self) -> Iterator:
         shard = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
-        generator = self._generator()
         source_device = self.images.device
         shard = shard.to(source_device)
-        for b in range(len(self)):
+        for b in range(self._start_batch, len(self)):
             index = shard[b * self.batch_size:(b + 1) * self.batch_size]
             batch = self.images.images.index_select(0, index).to(self.device, non_blocking=True)
             extra = {}
             if self._pass_sizes:
                 extra["original_sizes"] = self.images.original_sizes.index_select(0, index).to(
                     self.device)
-            yield self.augment(batch, generator=generator, **extra), 0
+            with nvtx_range("augment"):
+                crops = self.augment(batch, generator=self._generator(b), **extra)
+            yield crops, 0

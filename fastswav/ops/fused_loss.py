@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .loss import check_crop_layout
+from ..profiling import nvtx_range
 from .sinkhorn import all_reduce_
 
 
@@ -130,10 +131,12 @@ def _forward_impl(embeddings, prototypes, queue, queue_valid, n_crops, crops_for
         )
     else:
         queue_scores = valid = None
-    loss, codes, code_sum = sinkhorn_and_loss(
-        scores, lse, colmax, colsum, queue_scores, valid, n_crops=n_crops,
-        crops_for_assign=crops_for_assign, temperature=temperature, epsilon=epsilon,
-        sinkhorn_iterations=sinkhorn_iterations, group=group)
+    # The op body runs eagerly even in a compiled step, so this range shows there too.
+    with nvtx_range("sinkhorn+ce"):
+        loss, codes, code_sum = sinkhorn_and_loss(
+            scores, lse, colmax, colsum, queue_scores, valid, n_crops=n_crops,
+            crops_for_assign=crops_for_assign, temperature=temperature, epsilon=epsilon,
+            sinkhorn_iterations=sinkhorn_iterations, group=group)
     return loss, scores, codes, code_sum, lse, inv_x, inv_w
 
 

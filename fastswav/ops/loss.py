@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..profiling import nvtx_range
 from .sinkhorn import accumulation_dtype, sinkhorn_knopp
 
 
@@ -103,7 +104,8 @@ def assignment_codes(
                     queue_valid.to(device=s.device, dtype=torch.float32).expand(q_len),
                     torch.ones(batch, device=s.device, dtype=torch.float32),
                 ])
-        q = sinkhorn_knopp(s, epsilon, sinkhorn_iterations, sample_weight=weight, group=group)
+        with nvtx_range("sinkhorn"):
+            q = sinkhorn_knopp(s, epsilon, sinkhorn_iterations, sample_weight=weight, group=group)
         codes.append(q[-batch:])
     return torch.stack(codes)
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .sinkhorn import accumulation_dtype
+
 
 @torch.no_grad()
 def normalize_prototypes_(weight: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -13,6 +15,6 @@ def normalize_prototypes_(weight: torch.Tensor, eps: float = 1e-12) -> torch.Ten
     """
     if weight.dim() != 2:
         raise ValueError(f"prototype weight must be [K, D], got shape {tuple(weight.shape)}")
-    norms = torch.linalg.vector_norm(weight, dim=1, keepdim=True, dtype=torch.float32)
+    norms = torch.linalg.vector_norm(weight, dim=1, keepdim=True, dtype=accumulation_dtype(weight))
     weight.div_(norms.clamp_min(eps).to(weight.dtype))
     return weight

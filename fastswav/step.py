@@ -1,0 +1,80 @@
+"""One SwAV training step, eager or compiled.
+
+The step: renormalise the prototype rows in place -> multi-crop forward (the trunk once per
+resolution group) -> SwAV loss (queue read and pushed inside) -> backward -> optimizer.
+Nothing in it reads a value back to the host: the loss is returned as a device tensor.
+
+``compile_mode`` (``none``, or a ``torch.compile`` mode: ``default``, ``reduce-overhead``,
+``max-autotune``, ``max-autotune-no-cudagraphs``) compiles the forward and the loss as one
+region with static shapes. The multi-crop forward unrolls into one trunk call per
+resolution group inside that graph, so each group is compiled for its own fixed shape; the
+fused loss is a custom op and stays in the graph. Backward comes from AOTAutograd; the
+optimizer is a handful of foreach kernels and stays eager.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, List, Optional
+
+import torch
+from torch import nn
+
+from .ops.prototypes import normalize_prototypes_
+from .optim import set_lr
+from .profiling import nvtx_range
+
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The SwAV model inside a DDP wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+class TrainStep:
+    """Callable ``step(crops, queue, lr, freeze_prototypes) -> (loss, embeddings)``.
+
+    ``loss`` is the detached scalar loss and ``embeddings`` the detached ``[n_crops * B, D]``
+    embeddings (for monitoring); both stay on the device. ``compile_backend`` is for tests
+    (``aot_eager`` checks the traced graph without a C++ compiler).
+    """
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                 autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
+                 compile_mode: str = "none", compile_backend="inductor"):
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode {compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+        self.model = model
+        self.criterion = criterion
+        self.optimizer = optimizer
+        self.autocast = autocast or contextlib.nullcontext
+        self.compile_mode = compile_mode
+        self._forward_loss = self._eager_forward_loss
+        if compile_mode != "none":
+            # A mode is an inductor option; other backends (tests) take none.
+            options = {"mode": compile_mode} if compile_backend == "inductor" else {}
+            self._forward_loss = torch.compile(self._eager_forward_loss, backend=compile_backend,
+                                               dynamic=False, **options)
+
+    def _eager_forward_loss(self, crops: List[torch.Tensor], prototypes: torch.Tensor, queue):
+        with nvtx_range("forward"), self.autocast():
+            embeddings = self.model(crops)
+        with nvtx_range("loss"):
+            loss = self.criterion(embeddings, prototypes, queue)
+        return loss, embeddings
+
+    def __call__(self, crops: List[torch.Tensor], queue, lr: float, freeze_prototypes: bool):
+        prototypes = unwrap(self.model).prototypes.weight
+        normalize_prototypes_(prototypes)
+        set_lr(self.optimizer, lr)
+        # Compiled, the inner ranges are gone (no Python calls in the graph): one range instead.
+        with nvtx_range("forward+loss") if self.compile_mode != "none" else contextlib.nullcontext():
+            loss, embeddings = self._forward_loss(crops, prototypes, queue)
+        self.optimizer.zero_grad(set_to_none=True)
+        with nvtx_range("backward"):
+            loss.backward()
+        if freeze_prototypes:
+            prototypes.grad = None  # the official freeze: no update, no momentum, no decay
+        with nvtx_range("optimizer"):
+            self.optimizer.step()
+        return loss.detach(), embeddings.detach()
