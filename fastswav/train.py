@@ -58,7 +58,12 @@ def _parser() -> argparse.ArgumentParser:
                     "(lists comma-separated, booleans true/false).",
         epilog=f"presets:\n{presets}\n\nconfig fields (--field=value):\n{field_help()}\n\n"
                "Resumes automatically from the latest checkpoint in the output folder. "
-               "Multi-GPU: torchrun --nproc_per_node=8 -m fastswav.train --preset 100ep_fast ...",
+               "Multi-GPU: torchrun --nproc_per_node=8 -m fastswav.train --preset 100ep_fast ...\n"
+               "Profiling: nsys profile --capture-range=cudaProfilerApi python -m fastswav.train "
+               "... --profile=100:120\n\n"
+               "exit status: 0 done; 2 bad command line; 3 the loss became non-finite (earlier "
+               "checkpoints untouched); 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint "
+               "(run the same command again to resume).",
     )
     parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"recipe to start from (default {DEFAULT_PRESET})")
     parser.add_argument("--data", help="training data (overrides the preset's)")
@@ -395,6 +400,7 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
         return path
 
     last_loss = float("nan")
+    train_start = time.perf_counter()
     try:
         with loop.preemption:
             for epoch in range(start_epoch, cfg.epochs):
@@ -412,8 +418,12 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
                 path = save(epoch + 1, 0)
                 if epoch + 1 < cfg.epochs and loop.preemption.should_stop(dist_info.enabled, device):
                     raise Preempted(path, loop.preemption.signal_name)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        # Training alone (this launch): data, steps and checkpoints, no kNN evaluation.
         summary = {"run_dir": str(run_dir), "loss": last_loss, "knn_init": knn_init,
-                   "knn_trained": None, "first_step_seconds": loop.first_step_seconds}
+                   "knn_trained": None, "first_step_seconds": loop.first_step_seconds,
+                   "train_seconds": time.perf_counter() - train_start}
         if cfg.knn_at_end:
             knn_trained = knn_accuracy(cfg, model, device)
             summary["knn_trained"] = knn_trained

@@ -1,7 +1,8 @@
 """The one place that picks a backend for fastswav's ops.
 
 ``FASTSWAV_BACKEND`` forces a choice for debugging: ``reference`` (pure PyTorch, runs
-anywhere) or ``fused`` (fails loudly where the fused path cannot run); unset or ``auto``
+anywhere) or ``fused`` (fails loudly where the fused path cannot run; on the CPU it runs
+under ``TRITON_INTERPRET=1``, slowly, which is how CI compares the two); unset or ``auto``
 picks the fused path on CUDA when it is available, and the reference elsewhere.
 """
 from __future__ import annotations
@@ -35,6 +36,17 @@ def fused_loss_available(device: torch.device) -> bool:
     return fused_loss.is_available()
 
 
+def triton_interpreter_available() -> bool:
+    """Whether Triton kernels run here under its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 _warned = set()
 
 
@@ -46,9 +58,11 @@ def loss_backend(device: torch.device) -> str:
     if fused_loss_available(device):
         return "fused"
     if want == "fused":
+        if device.type == "cpu" and triton_interpreter_available():
+            return "fused"  # forced on the CPU under TRITON_INTERPRET=1: slow, for checks only
         raise RuntimeError(
             f"{BACKEND_ENV}=fused but the fused SwAV loss cannot run on {device} "
-            "(needs CUDA and Triton)"
+            "(needs CUDA and Triton, or TRITON_INTERPRET=1 on the CPU)"
         )
     if device.type == "cuda" and "loss" not in _warned:
         _warned.add("loss")
