@@ -15,11 +15,11 @@ class Config:
     """Every knob of a run. Defaults are the official SwAV ResNet-50 100-epoch recipe."""
 
     # data
-    data: str = field(default="", metadata={"help": "training data: image folder, zip of JPEGs, or a download root for torchvision-cifar10"})
-    data_kind: str = field(default="auto", metadata={"help": "auto | folder | zip | torchvision-cifar10"})
+    data: str = field(default="", metadata={"help": "training data: image folder, zip of JPEGs, FFCV .beton (decode-once GPU multi-crop; see python -m fastswav.data.write), or a download root for torchvision-cifar10"})
+    data_kind: str = field(default="auto", metadata={"help": "auto | folder | zip | beton | torchvision-cifar10"})
     workers: int = field(default=8, metadata={"help": "data loader worker processes per training process"})
     in_memory: bool = field(default=False, metadata={"help": "pil augmentation: decode the whole dataset into memory once (small data only)"})
-    augment: str = field(default="pil", metadata={"help": "pil: torchvision transforms per image in loader workers; batched: decode every image once into device memory and cut all crops as batched tensor work (same-size images, e.g. CIFAR-10)"})
+    augment: str = field(default="pil", metadata={"help": "pil: torchvision transforms per image in loader workers; batched: decode every image once into device memory and cut all crops as batched tensor work (small data, e.g. CIFAR-10). A .beton always takes the decode-once loader (batched crops on the device)"})
     # multi-crop
     n_crops: Tuple[int, ...] = field(default=(2, 6), metadata={"help": "crops per resolution group"})
     size_crops: Tuple[int, ...] = field(default=(224, 96), metadata={"help": "crop size per group"})
@@ -100,8 +100,8 @@ class Config:
             raise ValueError(f"warmup_epochs={self.warmup_epochs} must lie in 0..epochs={self.epochs}")
         if self.temperature <= 0 or self.epsilon <= 0:
             raise ValueError("temperature and epsilon must be > 0")
-        if self.data_kind not in ("auto", "folder", "zip", "torchvision-cifar10"):
-            raise ValueError(f"data_kind={self.data_kind!r}: expected auto, folder, zip or torchvision-cifar10")
+        if self.data_kind not in ("auto", "folder", "zip", "torchvision-cifar10", "beton"):
+            raise ValueError(f"data_kind={self.data_kind!r}: expected auto, folder, zip, beton or torchvision-cifar10")
         if self.optimizer not in ("lars", "sgd"):
             raise ValueError(f"optimizer={self.optimizer!r}: expected lars or sgd")
         if self.augment not in ("pil", "batched"):

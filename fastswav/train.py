@@ -196,12 +196,16 @@ class RunLog:
 
 # ---------------------------------------------------------------------------- data
 
+def _is_beton(cfg: Config) -> bool:
+    return cfg.data_kind == "beton" or (cfg.data_kind == "auto" and cfg.data.endswith(".beton"))
+
+
 def build_data(cfg: Config, dist_info: DistInfo, device: torch.device):
     """The training source and its loader (call ``set_epoch`` on the loader every epoch)."""
     from .data.sources import open_source
 
     source = open_source(cfg.data, split="train", kind=cfg.data_kind,
-                         preload=cfg.in_memory and cfg.augment == "pil")
+                         preload=cfg.in_memory and cfg.augment == "pil" and not _is_beton(cfg))
     need = cfg.batch_size * dist_info.world_size
     if len(source) < need:
         raise UsageError(
@@ -211,6 +215,14 @@ def build_data(cfg: Config, dist_info: DistInfo, device: torch.device):
     crop_args = dict(size_crops=cfg.size_crops, n_crops=cfg.n_crops, min_scale=cfg.min_scale_crops,
                      max_scale=cfg.max_scale_crops, blur_prob=cfg.blur_prob,
                      jitter_strength=cfg.jitter_strength)
+    if _is_beton(cfg):
+        from .data.ffcv_loader import build_ffcv_multicrop_loader
+
+        loader = build_ffcv_multicrop_loader(
+            source.path, cfg.batch_size, **crop_args, channels_last=use_channels_last(cfg, device),
+            rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.seed, device=device,
+            num_workers=cfg.workers or None)
+        return source, loader
     if cfg.augment == "batched":
         from .data.batched_multicrop import BatchedMultiCrop
         from .data.resident import ResidentImages, ResidentMultiCropLoader

@@ -24,6 +24,11 @@ Kinds, all opened through :func:`open_source`:
   lazily, once per process, so a source can be handed to DataLoader worker processes.
 - ``torchvision-cifar10``: ``torchvision.datasets.CIFAR10`` under ``path`` (downloaded there
   when missing and the machine is online).
+- ``beton``: an FFCV file written by ``python -m fastswav.data.write`` (read with numpy, see
+  :mod:`fastswav.data.beton`). A .beton holds one split: for the split named in the file
+  name (``imagenet_train.beton``) it is the file itself, for another split the file whose
+  name has that split instead (``imagenet_val.beton``); a file naming no split serves only
+  ``train``.
 
 ``preload=True`` decodes every image once into memory as uint8 (the CIFAR-10 training set is
 150 MB that way, decoded in about 10 s on one core): on small images the per-image cost of
@@ -35,6 +40,7 @@ import functools
 import io
 import logging
 import os
+import re
 import struct
 import zipfile
 import zlib
@@ -52,7 +58,7 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger("fastswav")
 
-KINDS = ("auto", "folder", "zip", "torchvision-cifar10")
+KINDS = ("auto", "folder", "zip", "torchvision-cifar10", "beton")
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".gif",
@@ -367,12 +373,31 @@ def _looks_like_torchvision_cifar10(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "cifar-10-batches-py"))
 
 
+def beton_split_path(path: str, split: str) -> str:
+    """The .beton file of ``split`` next to ``path`` (see the module docstring)."""
+    folder, name = os.path.split(path)
+    named = [s for s in SPLITS if re.search(rf"(^|[^a-z]){s}([^a-z]|$)", name)]
+    if split in named:
+        return path
+    if named:
+        other = re.sub(rf"(^|[^a-z]){named[0]}([^a-z]|$)", rf"\g<1>{split}\g<2>", name, count=1)
+        candidate = os.path.join(folder, other)
+        if os.path.exists(candidate):
+            return candidate
+        raise FileNotFoundError(f"no {split} split for {path}: expected {candidate}")
+    if split == "train":
+        return path
+    raise FileNotFoundError(f"{path} names no split, so it serves only 'train'; for "
+                            f"{split!r} write a file named like {name[:-6]}_{split}.beton")
+
+
 def open_source(path: str, split: str = "train", kind: str = "auto", preload: bool = False,
                 download: bool = True) -> ImageSource:
     """Open the images at ``path`` for ``split`` ('train', 'val' or 'test').
 
-    kind: 'auto' (a folder holding ``cifar-10-batches-py`` -> torchvision-cifar10, other
-    folders -> folder, a zip file -> zip), 'folder', 'zip' or 'torchvision-cifar10'.
+    kind: 'auto' (a ``.beton`` file -> beton, a folder holding ``cifar-10-batches-py`` ->
+    torchvision-cifar10, other folders -> folder, a zip file -> zip), 'folder', 'zip',
+    'torchvision-cifar10' or 'beton'.
     preload: decode every image into memory once (see the module docstring).
     download: for torchvision-cifar10, fetch the data when it is missing.
     Raises FileNotFoundError for a missing path and ValueError for an unknown kind or split,
@@ -389,7 +414,9 @@ def open_source(path: str, split: str = "train", kind: str = "auto", preload: bo
         if not os.path.exists(path):
             raise FileNotFoundError(f"data path not found: {path}")
         if kind == "auto":
-            if os.path.isdir(path):
+            if path.endswith(".beton"):
+                kind = "beton"
+            elif os.path.isdir(path):
                 kind = "torchvision-cifar10" if _looks_like_torchvision_cifar10(path) else "folder"
             elif zipfile.is_zipfile(path):
                 kind = "zip"
@@ -397,6 +424,10 @@ def open_source(path: str, split: str = "train", kind: str = "auto", preload: bo
                 raise ValueError(f"{path} is neither a folder nor a zip file")
         if kind == "torchvision-cifar10":
             source = TorchvisionCIFAR10Source(path, split, download=False)
+        elif kind == "beton":
+            from .beton import BetonSource
+
+            source = BetonSource(beton_split_path(path, split))
         elif kind == "folder":
             if not os.path.isdir(path):
                 raise ValueError(f"{path} is not a folder (kind 'folder')")

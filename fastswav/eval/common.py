@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-DATA_KINDS = ("auto", "folder", "zip", "torchvision-cifar10")
+DATA_KINDS = ("auto", "folder", "zip", "torchvision-cifar10", "beton")
 SPLITS = ("train", "val", "test")
 
 
@@ -17,7 +17,9 @@ def add_probe_arguments(parser: argparse.ArgumentParser, train_split_help: str,
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint written by fastswav.train (its trunk is evaluated)")
     parser.add_argument("--data", required=True,
-                        help="image folder, zip of images, or torchvision CIFAR-10 folder")
+                        help="image folder, zip of images, torchvision CIFAR-10 folder, or an "
+                             "FFCV .beton of the training split (the test split's file is found "
+                             "by its name: imagenet_train.beton -> imagenet_val.beton)")
     parser.add_argument("--kind", default="auto", choices=DATA_KINDS,
                         help="how to read --data (default: auto, from the path)")
     parser.add_argument("--train-split", default="train", choices=SPLITS, help=train_split_help)
