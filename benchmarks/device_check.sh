@@ -8,7 +8,9 @@
 # DEVICE_CHECK_STEPS names the steps to run (environment and results always run). Its default
 # leaves out bench_train, which takes a device call of its own (~1.5 min build + 450 s):
 #   DEVICE_CHECK_STEPS="build bench_train" bash benchmarks/device_check.sh
-# (TRAIN_DATA=PATH adds bench_train's real-data variant.) The dry run runs every step.
+# (TRAIN_DATA=PATH adds bench_train's real-data variant.) DEVICE_CHECK_STEPS="build speedrun"
+# runs the CIFAR-10 speedrun, fused and reference (SPEEDRUN_EPOCHS, default 15, to fit one
+# call). The dry run runs every step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}
@@ -18,7 +20,7 @@ PY=${PYTHON:-python3}
 DRY=${DEVICE_CHECK_DRY:-0}
 step() { echo; echo "=== $* ($(date +%T))"; }
 ALL_STEPS="build cuda_tests bench_loss bench_queue bench_data"
-if [ "$DRY" = 1 ]; then ALL_STEPS="$ALL_STEPS bench_train"; fi
+if [ "$DRY" = 1 ]; then ALL_STEPS="$ALL_STEPS bench_train speedrun"; fi
 STEPS=" ${DEVICE_CHECK_STEPS:-$ALL_STEPS} "
 want() { case "$STEPS" in *" $1 "*) return 0 ;; esac; echo; echo "=== $1: skipped (not in DEVICE_CHECK_STEPS)"; return 1; }
 
@@ -69,6 +71,19 @@ step bench_train
 if [ "$DRY" = 1 ]; then TRAIN_ARGS="--cpu-smoke"; else TRAIN_ARGS="--budget-s 330"; fi
 if [ -n "${TRAIN_DATA:-}" ]; then TRAIN_ARGS="$TRAIN_ARGS --data $TRAIN_DATA"; fi
 timeout 450 $PY benchmarks/bench_train.py $TRAIN_ARGS 2>&1 | tee "$OUT/bench_train.log" | tail -40
+fi
+
+if want speedrun; then
+step speedrun
+# cifar10_speedrun twice (fused, reference; same seed). Carry CIFAR-10: set CIFAR_ZIP to a
+# copy inside the checkout (the shared zip is 61 MB, under the 64 MiB a call carries).
+CIFAR_ZIP=${CIFAR_ZIP:-../shared/data/cifar10-jpeg.zip}
+if [ "$DRY" = 1 ]; then RUN_ARGS="--cpu-smoke"; else RUN_ARGS="--epochs ${SPEEDRUN_EPOCHS:-15}"; fi
+if [ -f "$CIFAR_ZIP" ]; then
+  timeout 540 $PY benchmarks/speedrun_cifar10.py --data "$CIFAR_ZIP" $RUN_ARGS 2>&1 | tee "$OUT/speedrun.log" | grep -v "step/s" | tail -20
+else
+  echo "speedrun skipped: no $CIFAR_ZIP (set CIFAR_ZIP)"
+fi
 fi
 
 step results

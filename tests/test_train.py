@@ -84,3 +84,19 @@ def test_torchrun_two_processes_train_and_resume(tiny_folder, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout
     assert load_checkpoint(out / "checkpoint_epoch0003.pt")["epoch"] == 3
+
+
+def test_tensorboard_scalars_beside_the_json_log(tiny_folder, tmp_path):
+    pytest.importorskip("tensorboard", reason="the test extra installs tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tiny_config(tiny_folder, tmp_path / "tb", epochs=2), resume=False)
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/img_per_s", "train/code_entropy", "epoch/loss"} <= tags
+    assert [e.step for e in events.Scalars("epoch/loss")] == [1, 2]
+    assert len(events.Scalars("train/loss")) == 4  # 2 epochs x 2 steps, log_every=1
+    # Turned off, no event files.
+    run(tiny_config(tiny_folder, tmp_path / "no_tb", epochs=1, tensorboard=False), resume=False)
+    assert not (tmp_path / "no_tb" / "tensorboard").exists()
