@@ -64,3 +64,16 @@ def tiny_config(data, out, **changes):
         freeze_prototypes_niters=1, log_every=1, knn_at_end=False, seed=5,
     )
     return base.replace(**changes)
+
+
+# Taken before any test module is imported: importing ffcv sets torch's thread count to 1
+# (at collection, through pytest.importorskip), and FFCV's loader thread sets it again.
+_TORCH_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Run every test with the thread count the process started with."""
+    if torch.get_num_threads() != _TORCH_THREADS:
+        torch.set_num_threads(_TORCH_THREADS)
+    yield

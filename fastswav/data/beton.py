@@ -44,6 +44,9 @@ def import_ffcv():
     Any import failure counts (not installed, or installed without its shared libraries:
     libturbojpeg and OpenCV are loaded at import).
     """
+    import torch
+
+    threads = torch.get_num_threads()
     try:
         import ffcv  # noqa: F401
         import ffcv.fields  # loads the compiled libffcv and its libraries
@@ -51,6 +54,10 @@ def import_ffcv():
     except Exception as err:  # ImportError, OSError from a missing .so, numba errors
         raise FFCVUnavailableError(
             f"ffcv is not importable ({type(err).__name__}: {err}); {INSTALL_HINT}") from err
+    finally:
+        # Importing ffcv sets torch's intra-op threads to 1 (its Compiler.set_num_threads(1)):
+        # put the caller's count back, or every CPU op of the process runs on one thread.
+        torch.set_num_threads(threads)
     return ffcv
 
 
