@@ -67,6 +67,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from bench_loss import official_distributed_sinkhorn  # noqa: E402  (the official Sinkhorn, once)
 from common import ResultWriter, device_name, shape_key  # noqa: E402
 
 from fastswav.config import PRESETS, preset  # noqa: E402
@@ -135,32 +136,6 @@ class OfficialSwAVModel(nn.Module):
         return self.forward_head(output)
 
 
-@torch.no_grad()
-def official_sinkhorn(out: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
-    """The official ``distributed_sinkhorn``: Q = exp(out / eps)^T (K x B), total mass 1,
-    then rows to 1/K and columns to 1/B, ``iterations`` times; columns scaled to sum to 1.
-    All-reduces of the sums only where a process group exists (one card here: none)."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    world = torch.distributed.get_world_size() if distributed else 1
-    Q = torch.exp(out / epsilon).t()
-    B = Q.shape[1] * world
-    K = Q.shape[0]
-    total = torch.sum(Q)
-    if distributed:
-        torch.distributed.all_reduce(total)
-    Q /= total
-    for _ in range(iterations):
-        rows = torch.sum(Q, dim=1, keepdim=True)
-        if distributed:
-            torch.distributed.all_reduce(rows)
-        Q /= rows
-        Q /= K
-        Q /= torch.sum(Q, dim=0, keepdim=True)
-        Q /= B
-    Q *= B
-    return Q.t()
-
-
 def official_loss(output: torch.Tensor, embedding: torch.Tensor, prototype_weight: torch.Tensor,
                   queue: Optional[torch.Tensor], state: dict, *, n_crops: int,
                   crops_for_assign=(0, 1), temperature: float = 0.1, epsilon: float = 0.05,
@@ -182,7 +157,7 @@ def official_loss(output: torch.Tensor, embedding: torch.Tensor, prototype_weigh
                     out = torch.cat((torch.mm(queue[i], prototype_weight.t()), out))
                 queue[i, bs:] = queue[i, :-bs].clone()
                 queue[i, :bs] = embedding[crop_id * bs: (crop_id + 1) * bs]
-            q = official_sinkhorn(out, epsilon, sinkhorn_iterations)[-bs:]
+            q = official_distributed_sinkhorn(out, epsilon, sinkhorn_iterations)[-bs:]
         subloss = 0
         for v in np.delete(np.arange(n_crops), crop_id):
             x = output[bs * v: bs * (v + 1)] / temperature

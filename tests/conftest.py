@@ -77,3 +77,13 @@ def _restore_torch_threads():
     if torch.get_num_threads() != _TORCH_THREADS:
         torch.set_num_threads(_TORCH_THREADS)
     yield
+
+
+def write_files(root, files):
+    """Write ``{relative/path: bytes}`` under ``root``; returns ``root`` as a string."""
+    for name, data in files.items():
+        path = os.path.join(root, *name.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    return str(root)

@@ -18,6 +18,8 @@ from fastswav.data.multicrop import (IMAGENET_MEAN, IMAGENET_STD, MultiCropTrans
 from fastswav.data.sources import (FolderSource, UnreadableImageError, ZipSource, decode_rgb,
                                    open_source)
 
+from conftest import write_files
+
 # torchvision 0.29 deprecates its image decoders (the sources fall back to PIL without them).
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
@@ -59,15 +61,6 @@ def _image_files():
     return files
 
 
-def _write_folder(root, files):
-    for name, data in files.items():
-        path = os.path.join(root, *name.split("/"))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
-    return str(root)
-
-
 def _write_zip(path, files, deflate=()):
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
         for name, data in files.items():
@@ -82,7 +75,7 @@ CORRUPT = "train/cat/c_corrupt.jpg"
 
 @pytest.fixture
 def image_folder(tmp_path):
-    return _write_folder(tmp_path / "images", _image_files())
+    return write_files(tmp_path / "images", _image_files())
 
 
 @pytest.fixture
@@ -181,7 +174,7 @@ def test_flat_zip_labels_by_name_prefix_or_none(tmp_path):
 
 def test_folder_without_split_folders_is_every_split(tmp_path):
     files = {k[len("train/"):]: v for k, v in _image_files().items() if k.startswith("train/")}
-    root = _write_folder(tmp_path / "plain", files)
+    root = write_files(tmp_path / "plain", files)
     train, test = open_source(root, "train"), open_source(root, "test")
     assert train.split is None and test.split is None
     assert len(train) == len(test) == TRAIN_IMAGES
@@ -386,13 +379,13 @@ def test_dataset_skips_corrupt_image_and_logs_it_once(image_folder, caplog):
 def test_dataset_wraps_around_and_fails_when_nothing_is_readable(tmp_path):
     files = _image_files()
     corrupt = files[CORRUPT]
-    root = _write_folder(tmp_path / "bad", {"a/x.jpg": corrupt, "a/y.jpg": corrupt})
+    root = write_files(tmp_path / "bad", {"a/x.jpg": corrupt, "a/y.jpg": corrupt})
     dataset = MultiCropDataset(open_source(root), _small_transform())
     with pytest.raises(RuntimeError, match="no readable image in"):
         dataset[0]
     # Corrupt last image: wraps to the first one.
     good = files["train/cat/c0.jpg"]
-    root = _write_folder(tmp_path / "last_bad", {"a/x.jpg": good, "a/z.jpg": corrupt})
+    root = write_files(tmp_path / "last_bad", {"a/x.jpg": good, "a/z.jpg": corrupt})
     assert MultiCropDataset(open_source(root), _small_transform())[1][1] == 1
 
 

@@ -23,6 +23,8 @@ from fastswav.data.beton import BetonSource, FFCVUnavailableError, import_ffcv
 from fastswav.data.ffcv_loader import build_ffcv_multicrop_loader, canvas_layout
 from fastswav.data.sources import open_source
 
+from conftest import write_files
+
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
 
@@ -59,15 +61,6 @@ def _smooth(rng, height, width):
     image = np.stack([base[0] + 50 * x / width, base[1] + 50 * y / height,
                       base[2] + 25 * (x + y) / (width + height)], axis=-1)
     return Image.fromarray(image.clip(0, 255).astype(np.uint8))
-
-
-def _write_folder(root, files):
-    for name, data in files.items():
-        path = os.path.join(root, *name.split("/"))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
-    return str(root)
 
 
 CORRUPT = "train/cat/c_corrupt.jpg"
@@ -120,7 +113,7 @@ def small(tmp_path_factory):
     """(source folder, its train source, .beton path, write result, warning records)."""
     pytest.importorskip("ffcv")
     root = tmp_path_factory.mktemp("small")
-    folder = _write_folder(root / "images", _small_folder_files())
+    folder = write_files(root / "images", _small_folder_files())
     source = open_source(folder, "train")
     out = str(root / "small.beton")
     result, records = _write(source, out, max_resolution=CAP, jpeg_quality=95, workers=2,
@@ -150,7 +143,7 @@ def gradients(tmp_path_factory):
     for i in range(GRADIENT_IMAGES):
         h, w = GRADIENT_SIZES[i % 2]
         files[f"g/{i:03d}.png"] = _encode(_gradient(h, w), "PNG")
-    folder = _write_folder(root / "images", files)
+    folder = write_files(root / "images", files)
     out = str(root / "gradients.beton")
     _write(open_source(folder), out, max_resolution=120, jpeg_quality=95, workers=1)
     return out
@@ -258,7 +251,7 @@ def test_without_ffcv_writer_says_how_to_install(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ffcv", None)  # `import ffcv` now fails
     with pytest.raises(FFCVUnavailableError, match="pip install"):
         import_ffcv()
-    folder = _write_folder(tmp_path / "images", {"a/x.jpg": _encode(
+    folder = write_files(tmp_path / "images", {"a/x.jpg": _encode(
         _smooth(np.random.default_rng(1), 20, 30), "JPEG")})
     assert main([folder, str(tmp_path / "o.beton")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

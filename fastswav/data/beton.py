@@ -20,11 +20,10 @@ table of the allocations in those pages), so the reference PIL path can still tr
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import numpy as np
 
-from .sources import ImageSource, UnreadableImageError, decode_rgb
+from .sources import ImageSource, ProcessLocalFile, UnreadableImageError, decode_rgb
 
 IMAGE, LABEL, ORIG_HEIGHT, ORIG_WIDTH = "image", "label", "orig_height", "orig_width"
 FIELDS = (IMAGE, LABEL, ORIG_HEIGHT, ORIG_WIDTH)
@@ -187,22 +186,17 @@ class BetonSource(ImageSource):
         alloc = self._beton.alloc_table
         order = np.argsort(alloc["ptr"])
         self._ptrs, self._sizes = alloc["ptr"][order], alloc["size"][order]
-        self._fd: Optional[int] = None
-        self._pid: Optional[int] = None
+        self._file = ProcessLocalFile(self.path)
 
     def name(self, i: int) -> str:
         return f"{os.path.basename(self.path)}[{i}]"
 
     def _read_bytes(self, i: int) -> bytes:
-        if self._pid != os.getpid():  # a handle from another process is not ours
-            self._fd, self._pid = None, os.getpid()
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
         ptr = self._beton.metadata[IMAGE][i]["data_ptr"]
         at = int(np.searchsorted(self._ptrs, ptr))
         if at >= len(self._ptrs) or self._ptrs[at] != ptr:
             raise OSError(f"no allocation at {int(ptr)}")
-        return os.pread(self._fd, int(self._sizes[at]), int(ptr))
+        return self._file.pread(int(self._sizes[at]), int(ptr))
 
     def decode(self, i: int) -> np.ndarray:
         meta = self._beton.metadata[IMAGE][i]
@@ -215,17 +209,6 @@ class BetonSource(ImageSource):
                                                                int(meta["width"]), 3)
         return decode_rgb(data, self.name(i))
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.update(_fd=None, _pid=None)
-        return state
-
-    def __del__(self):
-        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
 
 
 def is_beton(path) -> bool:

@@ -263,6 +263,36 @@ def _zip_listing(path: str, mtime_ns: int, size: int):
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header, 30 bytes
 
 
+class ProcessLocalFile:
+    """A read-only file descriptor for ``pread``, opened lazily in each process.
+
+    A source is pickled into DataLoader workers and may be forked: a descriptor inherited
+    from another process is not ours to use or close, so each process opens its own.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._fd: Optional[int] = None
+        self._pid: Optional[int] = None
+
+    def pread(self, size: int, offset: int) -> bytes:
+        if self._pid != os.getpid():
+            self._fd, self._pid = None, os.getpid()
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return os.pread(self._fd, size, offset)
+
+    def __getstate__(self):
+        return {"path": self.path, "_fd": None, "_pid": None}
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+
 class ZipSource(ImageSource):
     """Images inside a zip file; see the module docstring for the layouts understood.
 
@@ -291,48 +321,33 @@ class ZipSource(ImageSource):
             where = f"{path} (split '{self.split}')" if self.split else path
             raise ValueError(f"no images found in {where}")
         self._entries = [listing[self.name(i)] for i in range(len(self.members))]
-        self._fd: Optional[int] = None
+        self._file = ProcessLocalFile(path)
         self._zip: Optional[zipfile.ZipFile] = None
-        self._pid: Optional[int] = None
+        self._zip_pid: Optional[int] = None
 
     def name(self, i: int) -> str:
         return (f"{self.split}/" if self.split else "") + self.members[i]
 
-    def _forget_handles_after_fork(self) -> None:
-        # Handles inherited from another process are not ours to use (or close).
-        if self._pid != os.getpid():
-            self._fd, self._zip, self._pid = None, None, os.getpid()
-
     def _read_bytes(self, i: int) -> bytes:
         offset, stored_size, size, method, crc = self._entries[i]
-        self._forget_handles_after_fork()
         if method != zipfile.ZIP_STORED or not hasattr(os, "pread"):
-            if self._zip is None:
-                self._zip = zipfile.ZipFile(self.path)
+            if self._zip is None or self._zip_pid != os.getpid():  # not one from another process
+                self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
             return self._zip.read(self.name(i))
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        header = os.pread(self._fd, _LOCAL_HEADER.size, offset)
+        header = self._file.pread(_LOCAL_HEADER.size, offset)
         fields = _LOCAL_HEADER.unpack(header)
         if fields[0] != b"PK\x03\x04":
             raise OSError("bad zip local header")
         start = offset + _LOCAL_HEADER.size + fields[-2] + fields[-1]  # + name + extra
-        data = os.pread(self._fd, size, start)
+        data = self._file.pread(size, start)
         if len(data) != size or zlib.crc32(data) != crc:
             raise OSError("zip member fails its CRC check")
         return data
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_fd=None, _zip=None, _pid=None)
+        state.update(_zip=None, _zip_pid=None)
         return state
-
-    def __del__(self):
-        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
 
 
 class TorchvisionCIFAR10Source(ImageSource):
