@@ -31,6 +31,7 @@ class Config:
     arch: str = field(default="resnet50", metadata={"help": "trunk: resnet18/34/50/101/152, resnet50w2/w4/w5"})
     trunk_width: int = field(default=0, metadata={"help": "channels of the stem and first stage (0: the arch's own)"})
     small_images: bool = field(default=False, metadata={"help": "3x3 stride-1 stem without max-pool (32x32 data)"})
+    zero_init_residual: bool = field(default=False, metadata={"help": "start the last BatchNorm of each residual block at zero (every block begins as the identity)"})
     hidden_dim: int = field(default=2048, metadata={"help": "projection head hidden width (0: linear head)"})
     out_dim: int = field(default=128, metadata={"help": "embedding dimension"})
     n_prototypes: int = field(default=3000, metadata={"help": "number of prototypes K"})

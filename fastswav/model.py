@@ -50,12 +50,15 @@ def _resnet_with_width(block, layers: List[int], width: int) -> resnet.ResNet:
     return net
 
 
-def build_trunk(arch: str, small_images: bool = False, width: int = 0) -> Tuple[nn.Module, int]:
+def build_trunk(arch: str, small_images: bool = False, width: int = 0,
+                zero_init_residual: bool = False) -> Tuple[nn.Module, int]:
     """A ResNet trunk returning pooled features, and its feature width.
 
     ``width`` (0: the arch's own) sets the channels of the stem and first stage.
     ``small_images`` swaps the 7x7/stride-2 stem and max-pool for a 3x3/stride-1 stem, the
-    usual change for 32x32 inputs such as CIFAR-10.
+    usual change for 32x32 inputs such as CIFAR-10. ``zero_init_residual`` starts the last
+    BatchNorm of every residual block at zero, so that each block begins as the identity
+    (torchvision's option of the same name; Goyal et al., 2017).
     """
     match = re.fullmatch(r"(resnet\d+)(?:w(\d+))?", arch)
     if not match or match.group(1) not in _DEPTHS or arch not in ARCHS:
@@ -70,6 +73,10 @@ def build_trunk(arch: str, small_images: bool = False, width: int = 0) -> Tuple[
         net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
         net.maxpool = nn.Identity()
+    if zero_init_residual:
+        for m in net.modules():
+            if isinstance(m, (BasicBlock, Bottleneck)):
+                nn.init.zeros_(m.bn2.weight if isinstance(m, BasicBlock) else m.bn3.weight)
     feat_dim = width * 8 * block.expansion
     net.fc = nn.Identity()
     return net, feat_dim
@@ -83,9 +90,10 @@ class SwAVModel(nn.Module):
     """
 
     def __init__(self, arch: str = "resnet50", hidden_dim: int = 2048, out_dim: int = 128,
-                 n_prototypes: int = 3000, small_images: bool = False, width: int = 0):
+                 n_prototypes: int = 3000, small_images: bool = False, width: int = 0,
+                 zero_init_residual: bool = False):
         super().__init__()
-        self.trunk, feat_dim = build_trunk(arch, small_images, width)
+        self.trunk, feat_dim = build_trunk(arch, small_images, width, zero_init_residual)
         if hidden_dim > 0:
             self.head = nn.Sequential(
                 nn.Linear(feat_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
@@ -121,7 +129,7 @@ class SwAVModel(nn.Module):
 def build_model(cfg) -> SwAVModel:
     """The model a :class:`fastswav.config.Config` describes."""
     return SwAVModel(cfg.arch, cfg.hidden_dim, cfg.out_dim, cfg.n_prototypes,
-                     cfg.small_images, cfg.trunk_width)
+                     cfg.small_images, cfg.trunk_width, cfg.zero_init_residual)
 
 
 def load_trunk_from_checkpoint(path, map_location="cpu") -> Tuple[nn.Module, int]:

@@ -26,6 +26,18 @@ def test_unknown_arch():
         build_trunk("resnet7")
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_zero_init_residual_blocks_start_as_the_identity(arch):
+    trunk, _ = build_trunk(arch, small_images=True, width=8, zero_init_residual=True)
+    plain, _ = build_trunk(arch, small_images=True, width=8)
+    for block, plain_block in ((trunk.layer1[1], plain.layer1[1]), (trunk.layer3[1], plain.layer3[1])):
+        block.eval(), plain_block.eval()
+        x = torch.relu(torch.randn(2, block.conv1.in_channels, 8, 8))
+        # no downsampling in these blocks: relu(x + 0) = x for the non-negative x they receive
+        assert torch.equal(block(x), x)
+        assert not torch.allclose(plain_block(x), x)  # the default keeps torchvision's init
+
+
 def test_multicrop_forward_runs_trunk_once_per_resolution():
     model = SwAVModel("resnet18", hidden_dim=32, out_dim=16, n_prototypes=10,
                       small_images=True, width=8)
