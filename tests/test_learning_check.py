@@ -2,7 +2,7 @@
 
 - the fused (Triton, interpreted on the CPU) and the reference loss paths, same seed and
   data, give the same loss curve over the first steps of a real training run;
-- the demo run lifts kNN accuracy over the untrained network.
+- the demo run lifts kNN accuracy over the untrained network by at least 4 points.
 """
 import json
 import os
@@ -65,8 +65,9 @@ def test_fused_and_reference_losses_follow_the_same_curve(shared_data, tmp_path,
 @pytest.mark.slow
 def test_demo_lifts_knn_over_initialisation(shared_data, tmp_path):
     """The demo itself (what `make demo` runs, about 8 minutes on 2 cores): its kNN top-1
-    after training must beat the untrained network's, on the same 2,000 test images, by a
-    margin well above the ~1 point standard error of that measurement."""
+    after training must beat the untrained network's, on the same 2,000 test images, by the
+    4 points the demo promises (measured lifts are about twice that; the standard error of
+    one measurement is about 1 point)."""
     from fastswav.config import preset
 
     cfg = preset("demo").replace(data=os.path.join(shared_data, "cifar10-jpeg.zip"),
@@ -74,4 +75,4 @@ def test_demo_lifts_knn_over_initialisation(shared_data, tmp_path):
     summary = run(cfg, resume=False)
     lift = summary["knn_trained"] - summary["knn_init"]
     print(f"kNN top-1: init {summary['knn_init']:.2f}% -> trained {summary['knn_trained']:.2f}%")
-    assert lift >= 2.0, summary
+    assert lift >= 4.0, summary
