@@ -64,7 +64,7 @@ def test_fused_and_reference_losses_follow_the_same_curve(shared_data, tmp_path,
 
 @pytest.mark.slow
 def test_demo_lifts_knn_over_initialisation(shared_data, tmp_path):
-    """The demo itself (what `make demo` runs, about 8 minutes on 2 cores): its kNN top-1
+    """The demo itself (what `make demo` runs, about 7 minutes on 2 cores): its kNN top-1
     after training must beat the untrained network's, on the same 2,000 test images, by the
     4 points the demo promises (measured lifts are about twice that; the standard error of
     one measurement is about 1 point)."""
