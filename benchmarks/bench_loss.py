@@ -75,6 +75,17 @@ def official_distributed_sinkhorn(out, epsilon, iterations):
     return Q.t()
 
 
+def official_swapped_prediction(output, q, crop_id, n_crops, temperature):
+    """The official loop's term for one assigned crop: its codes ``q`` [B, K] predicted from
+    every other crop's scores (rows of ``output``, crop-major), averaged over those crops."""
+    bs = q.shape[0]
+    subloss = 0
+    for v in np.delete(np.arange(n_crops), crop_id):
+        x = output[bs * v: bs * (v + 1)] / temperature
+        subloss -= torch.mean(torch.sum(q * F.log_softmax(x, dim=1), dim=1))
+    return subloss / (n_crops - 1)
+
+
 def official_loss(embedding, prototypes, queue, *, n_crops, crops_for_assign=(0, 1),
                   temperature=0.1, epsilon=0.05, sinkhorn_iterations=3):
     """The official training-loop loss from the model output (embedding, prototype weights).
@@ -93,11 +104,7 @@ def official_loss(embedding, prototypes, queue, *, n_crops, crops_for_assign=(0,
             if queue is not None:
                 out = torch.cat((torch.mm(queue[i], w.t()), out))
             q = official_distributed_sinkhorn(out, epsilon, sinkhorn_iterations)[-bs:]
-        subloss = 0
-        for v in np.delete(np.arange(n_crops), crop_id):
-            x = output[bs * v: bs * (v + 1)] / temperature
-            subloss -= torch.mean(torch.sum(q * F.log_softmax(x, dim=1), dim=1))
-        loss += subloss / (n_crops - 1)
+        loss += official_swapped_prediction(output, q, crop_id, n_crops, temperature)
     return loss / len(crops_for_assign)
 
 

@@ -59,7 +59,6 @@ import traceback
 from pathlib import Path
 from typing import Callable, List, Optional
 
-import numpy as np
 import torch
 import torch._dynamo
 import torch.nn.functional as F
@@ -67,7 +66,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-from bench_loss import official_distributed_sinkhorn  # noqa: E402  (the official Sinkhorn, once)
+from bench_loss import official_distributed_sinkhorn, official_swapped_prediction  # noqa: E402  (once)
 from common import ResultWriter, device_name, shape_key  # noqa: E402
 
 from fastswav.config import PRESETS, preset  # noqa: E402
@@ -158,11 +157,7 @@ def official_loss(output: torch.Tensor, embedding: torch.Tensor, prototype_weigh
                 queue[i, bs:] = queue[i, :-bs].clone()
                 queue[i, :bs] = embedding[crop_id * bs: (crop_id + 1) * bs]
             q = official_distributed_sinkhorn(out, epsilon, sinkhorn_iterations)[-bs:]
-        subloss = 0
-        for v in np.delete(np.arange(n_crops), crop_id):
-            x = output[bs * v: bs * (v + 1)] / temperature
-            subloss -= torch.mean(torch.sum(q * F.log_softmax(x, dim=1), dim=1))
-        loss += subloss / (n_crops - 1)
+        loss += official_swapped_prediction(output, q, crop_id, n_crops, temperature)
     return loss / len(crops_for_assign)
 
 
