@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels._common import DEFAULT_PRECISION  # torch only: importing needs no Triton
 from .ops.backend import loss_backend
 from .ops.loss import check_crop_layout, swav_loss_reference
 from .queue import FeatureQueue
@@ -41,6 +42,7 @@ def swav_loss(
     queue: Optional[torch.Tensor] = None,
     queue_valid: Optional[torch.Tensor] = None,
     group=None,
+    precision: str = DEFAULT_PRECISION,
 ) -> torch.Tensor:
     """SwAV swapped-prediction loss.
 
@@ -55,6 +57,9 @@ def swav_loss(
         queue: optional ``[len(crops_for_assign), L, D]`` past embeddings.
         queue_valid: optional 0-dim 0/1 tensor: whether the queue takes part yet.
         group: process group whose samples share the Sinkhorn marginals.
+        precision: matmul precision of the fused path (``"tf32"``, ``"tf32x3"``, ``"bf16"``,
+            or ``"ieee"``, the exact mode; see :func:`fastswav.ops.fused_loss.swav_loss_fused`).
+            The reference path is always exact.
 
     Returns:
         scalar float32 loss.
@@ -67,7 +72,7 @@ def swav_loss(
     if loss_backend(embeddings.device) == "fused":
         from .ops.fused_loss import swav_loss_fused
 
-        return swav_loss_fused(embeddings, prototypes, **kwargs)
+        return swav_loss_fused(embeddings, prototypes, precision=precision, **kwargs)
     return swav_loss_reference(embeddings, prototypes, **kwargs)
 
 
@@ -81,7 +86,7 @@ class SwAVLoss(nn.Module):
 
     def __init__(self, n_crops: int, crops_for_assign: Sequence[int] = (0, 1),
                  temperature: float = 0.1, epsilon: float = 0.05,
-                 sinkhorn_iterations: int = 3, group=None):
+                 sinkhorn_iterations: int = 3, group=None, precision: str = DEFAULT_PRECISION):
         super().__init__()
         check_crop_layout(n_crops * 1, n_crops, crops_for_assign)
         self.n_crops = n_crops
@@ -90,6 +95,7 @@ class SwAVLoss(nn.Module):
         self.epsilon = epsilon
         self.sinkhorn_iterations = sinkhorn_iterations
         self.group = group
+        self.precision = precision
 
     def forward(self, embeddings: torch.Tensor, prototypes: torch.Tensor,
                 queue: Optional[FeatureQueue] = None) -> torch.Tensor:
@@ -99,7 +105,7 @@ class SwAVLoss(nn.Module):
             sinkhorn_iterations=self.sinkhorn_iterations,
             queue=None if queue is None else queue.embeddings,
             queue_valid=None if queue is None else queue.valid(),
-            group=self.group,
+            group=self.group, precision=self.precision,
         )
         if queue is not None:
             batch = check_crop_layout(embeddings.shape[0], self.n_crops, self.crops_for_assign)

@@ -31,16 +31,38 @@ def device_guard(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def dot_in_fp32(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether tl.dot must take float32 operands.
+# Dot precisions a caller may ask for with float32 or mixed operands (see kernels/scores.py).
+PRECISIONS = ("tf32", "tf32x3", "bf16", "ieee")
+# The default, chosen by accuracy in benchmarks/NOTES_loss.md.
+DEFAULT_PRECISION = "tf32"
 
-    16-bit operands go to the tensor cores as they are (their products are exact in the
-    float32 accumulator). float32 or mixed inputs are multiplied in IEEE float32 to match
-    the reference. Under the interpreter bf16 dots are wrong (triton 3.8), so always fp32.
+
+def dot_mode(a: torch.Tensor, b: torch.Tensor, precision: str) -> str:
+    """The DOT_MODE constexpr of a tile dot of ``a`` and ``b`` at ``precision``.
+
+    Two 16-bit operands of one dtype go to the tensor cores as they are (their products are
+    exact in the float32 accumulator) whatever the precision; otherwise ``precision``
+    applies. Under the interpreter every mode is emulated with float32 dots of the rounded
+    operands (triton 3.8's interpreter computes bf16 dots wrongly).
     """
-    if not targets_gpu(a):
-        return True
-    return not (a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16))
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16):
+        mode = "native16"
+    else:
+        mode = precision
+    if not targets_gpu(a) and mode in ("native16", "bf16", "tf32"):
+        mode += "_emulated"
+    return mode
+
+
+def round_to_tf32_reference(t: torch.Tensor) -> torch.Tensor:
+    """PyTorch twin of the kernels' ``round_to_tf32``: float32 rounded to the nearest value
+    with an 11-bit significand (ties away from zero), returned as float32."""
+    bits = t.to(torch.float32).contiguous().view(torch.int32)
+    magnitude = (bits & 0x7FFFFFFF) + 0x1000
+    rounded = (bits & -0x80000000) | (magnitude & 0x7FFFE000)
+    return rounded.view(torch.float32)
 
 
 def pow2_at_least(n: int, floor: int = 16) -> int:

@@ -10,6 +10,13 @@ partial statistics the later stages need, so the scores are not read again for t
   exp(s / T - max).
 
 Partials are written per tile and combined by the caller (deterministic, no atomics).
+
+Dot precision (``DOT_MODE``, from :func:`fastswav.kernels._common.dot_mode`): two 16-bit
+operands of one dtype go to the tensor cores as they are ("native16", exact products);
+otherwise the caller's precision: "tf32" (default; operands rounded to nearest to tf32's
+11-bit significand, the same rounding as fp16 without its range limits), "tf32x3" (three
+tf32 passes, near fp32), "bf16" (operands cast to bf16), "ieee" (fp32 FMA, exact mode).
+Norms are always taken from the unrounded values in fp32.
 """
 from __future__ import annotations
 
@@ -17,7 +24,41 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_in_fp32, pow2_at_least
+from ._common import device_guard, dot_mode, pow2_at_least
+
+
+@triton.jit
+def round_to_tf32(x):
+    """Round fp32 to the nearest tf32 (ties away from zero): the tensor cores then see the
+    same operand whether they truncate or round, and so does the interpreter."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = ((bits + 0x1000) >> 13) << 13
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def tile_dot(x, w_t, acc, DOT_MODE: tl.constexpr):
+    """acc + x @ w_t in the precision DOT_MODE names (see the module docstring)."""
+    if DOT_MODE == "native16":
+        acc = tl.dot(x, w_t, acc)
+    elif DOT_MODE == "native16_emulated":  # interpreter: bf16 dots are wrong in triton 3.8
+        acc = tl.dot(x.to(tl.float32), w_t.to(tl.float32), acc, input_precision="ieee")
+    elif DOT_MODE == "bf16":
+        acc = tl.dot(x.to(tl.bfloat16), w_t.to(tl.bfloat16), acc)
+    elif DOT_MODE == "bf16_emulated":
+        acc = tl.dot(x.to(tl.bfloat16).to(tl.float32), w_t.to(tl.bfloat16).to(tl.float32), acc,
+                     input_precision="ieee")
+    elif DOT_MODE == "tf32":
+        acc = tl.dot(round_to_tf32(x.to(tl.float32)), round_to_tf32(w_t.to(tl.float32)), acc,
+                     input_precision="tf32")
+    elif DOT_MODE == "tf32_emulated":
+        acc = tl.dot(round_to_tf32(x.to(tl.float32)), round_to_tf32(w_t.to(tl.float32)), acc,
+                     input_precision="ieee")
+    elif DOT_MODE == "tf32x3":
+        acc = tl.dot(x.to(tl.float32), w_t.to(tl.float32), acc, input_precision="tf32x3")
+    else:
+        acc = tl.dot(x.to(tl.float32), w_t.to(tl.float32), acc, input_precision="ieee")
+    return acc
 
 
 @triton.jit
@@ -29,7 +70,7 @@ def _scores_kernel(
     inv_eps, inv_temp,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     STORE_SCORES: tl.constexpr, COL_STATS: tl.constexpr, ROW_STATS: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_MODE: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -56,11 +97,7 @@ def _scores_kernel(
         wf = w.to(tl.float32)
         sq_x += tl.sum(xf * xf, axis=1)
         sq_w += tl.sum(wf * wf, axis=1)
-        if DOT_FP32:
-            acc = tl.dot(xf, tl.trans(wf), acc, input_precision=PRECISION)
-        else:
-            # 16-bit operands: products are exact in the fp32 accumulator.
-            acc = tl.dot(x, tl.trans(w), acc)
+        acc = tile_dot(x, tl.trans(w), acc, DOT_MODE)
     # F.normalize semantics: x / max(||x||, 1e-12)
     inv_x = 1.0 / tl.maximum(tl.sqrt(sq_x), 1e-12)
     inv_w = 1.0 / tl.maximum(tl.sqrt(sq_w), 1e-12)
@@ -83,7 +120,8 @@ def _scores_kernel(
             s_masked = tl.where(valid, s, float("-inf"))
             cmax = tl.max(s_masked, axis=0)
             shift = tl.where(cmax > float("-inf"), cmax, 0.0)
-            e = tl.where(valid, tl.exp((s - shift[None, :]) * inv_eps), 0.0)
+            # masked before the exp: rows that take no part may lie far above the max
+            e = tl.exp(tl.where(valid, (s - shift[None, :]) * inv_eps, float("-inf")))
             csum = tl.sum(e, axis=0) * weight
             out = (slot * n_row_blocks_total + col_block_offset + pid_r).to(tl.int64) * K + cols
             tl.store(colmax_ptr + out, cmax, mask=col_mask)
@@ -112,6 +150,7 @@ def prototype_scores(
     epsilon: float = 0.05,
     row_stats: bool = False,
     temperature: float = 0.1,
+    precision: str = "tf32",
     block_r: int = 64,
     block_k: int = 64,
     block_d: int | None = None,
@@ -127,6 +166,7 @@ def prototype_scores(
         colmax, colsum: ``[A, n_row_blocks_total, K]`` float32 outputs; this call fills row
             blocks ``col_block_offset .. col_block_offset + cdiv(R, block_r) - 1``.
         row_stats: also return per-(row, column block) max and sum-exp of s / temperature.
+        precision: dot precision for float32 or mixed operands (module docstring).
 
     Returns:
         ``(scores or None, inv_norm_x [G*R], inv_norm_w [K], rowmax, rowsum)``, the last
@@ -157,16 +197,17 @@ def prototype_scores(
     else:
         rowmax = rowsum = None
     dummy = inv_w  # placeholder pointer for disabled outputs (never touched)
-    fp32 = dot_in_fp32(x, w)
-    _scores_kernel[(n_rb, n_kb, groups)](
-        x, w, scores if store_scores else dummy, inv_x, inv_w,
-        col_slots if col_stats else dummy, col_weight if col_stats else dummy,
-        colmax if col_stats else dummy, colsum if col_stats else dummy,
-        rowmax if row_stats else dummy, rowsum if row_stats else dummy,
-        rows, n_protos, dim, n_rb_total, col_block_offset,
-        1.0 / epsilon, 1.0 / temperature,
-        BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_D=block_d,
-        STORE_SCORES=store_scores, COL_STATS=col_stats, ROW_STATS=row_stats,
-        DOT_FP32=fp32, PRECISION="ieee", num_warps=num_warps,
-    )
+    mode = dot_mode(x, w, precision)
+    with device_guard(x):
+        _scores_kernel[(n_rb, n_kb, groups)](
+            x, w, scores if store_scores else dummy, inv_x, inv_w,
+            col_slots if col_stats else dummy, col_weight if col_stats else dummy,
+            colmax if col_stats else dummy, colsum if col_stats else dummy,
+            rowmax if row_stats else dummy, rowsum if row_stats else dummy,
+            rows, n_protos, dim, n_rb_total, col_block_offset,
+            1.0 / epsilon, 1.0 / temperature,
+            BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_D=block_d,
+            STORE_SCORES=store_scores, COL_STATS=col_stats, ROW_STATS=row_stats,
+            DOT_MODE=mode, num_warps=num_warps,
+        )
     return scores, inv_x, inv_w, rowmax, rowsum

@@ -2,14 +2,21 @@
 
 The codes are Q[n, k] = w_n * exp((S[n, k] - m_k) / eps) * u_k * v_n: only the prototype
 vector u ([K]) and the sample vector v ([rows]) are iterated, and exp is recomputed from S
-on every pass instead of keeping Q. m_k is the per-prototype max (over all processes), so
-every exponent is <= 0 and bf16-derived scores never overflow; sums run in float32.
+on every pass instead of keeping Q. m_k is the per-prototype max over the participating
+rows of all processes, so every exponent of a participating row is <= 0 and nothing
+overflows; rows that take no part (an unfilled queue, w_n = 0) are masked before the exp,
+so their scores, which may lie above m_k, never make inf * 0 = NaN.
 
-One pass over a block of rows: with the current u, compute each row's sum
-c_n = sum_k P[n, k] u_k, set v_n = 1 / (n_total * max(c_n, tiny)), then write this block's
-partial of the next prototype sums r_k = sum_n P[n, k] v_n. The caller adds the partials,
-all_reduces r across processes (the multi-GPU hook) and sets u = 1 / (K * max(r, tiny)).
-The row sums c_n need no reduction across processes: each sample lives on one process.
+Each assigned crop ("slot") has one segment of rows: its queue (``L`` rows, weighted by
+the 0/1 ``valid``), then its batch rows (``B``, weight 1). One Sinkhorn round is two
+launches, each split over rows, prototype columns and slots so that small batches still
+fill the GPU:
+
+- :func:`sinkhorn_row_sums`: partial sums c_n = sum_k P[n, k] u_k per block of columns
+  (the caller adds them and sets v_n = w_n / (n_total * c_n); no reduction across
+  processes: each sample lives on one process);
+- :func:`sinkhorn_col_sums`: partial sums r_k = sum_n P[n, k] v_n per chunk of rows (the
+  caller adds them, all_reduces r across processes and sets u = 1 / (K * r)).
 """
 from __future__ import annotations
 
@@ -17,89 +24,150 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FP32_TINY
+from ._common import device_guard
 
 
 @triton.jit
-def _sinkhorn_pass_kernel(
-    s_ptr, row_start_ptr, weight_ptr, colmax_ptr, u_ptr, n_total_ptr, r_part_ptr,
-    n_rows, K, n_row_blocks_total, block_offset, inv_eps, tiny,
+def _segment_exp(s_ptr, q_ptr, slot, crop, valid, rows, in_range, cols, col_mask, colmax,
+                 B, L, K, inv_eps):
+    """P = exp((S - m) / eps) of a tile of segment rows (0 where a row takes no part)."""
+    is_queue = rows < L
+    takes_part = in_range & (tl.where(is_queue, valid, 1.0) > 0)
+    mask = takes_part[:, None] & col_mask[None, :]
+    queue_rows = (slot * L + rows).to(tl.int64) * K
+    batch_rows = (crop * B + rows - L).to(tl.int64) * K
+    s = tl.load(q_ptr + queue_rows[:, None] + cols[None, :],
+                mask=mask & is_queue[:, None], other=0.0)
+    s += tl.load(s_ptr + batch_rows[:, None] + cols[None, :],
+                 mask=mask & (rows >= L)[:, None], other=0.0)
+    return tl.exp(tl.where(mask, (s - colmax[None, :]) * inv_eps, float("-inf"))), takes_part
+
+
+@triton.jit
+def _row_sums_kernel(
+    s_ptr, q_ptr, assign_ptr, valid_ptr, colmax_ptr, u_ptr, c_part_ptr,
+    B, L, K, row_offset, n_rows, inv_eps,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    slot = tl.program_id(1)
-    row_start = tl.load(row_start_ptr + slot)
-    weight = tl.load(weight_ptr).to(tl.float32)
-    n_total = tl.load(n_total_ptr)
-
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < n_rows
-    row_ptrs = s_ptr + (row_start + rows).to(tl.int64)[:, None] * K
-    vec_base = slot.to(tl.int64) * K
-
-    # 1) row sums with the current prototype scaling u
-    c = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_mask = cols < K
-        mask = row_mask[:, None] & col_mask[None, :]
-        s = tl.load(row_ptrs + cols[None, :], mask=mask, other=0.0)
-        m = tl.load(colmax_ptr + vec_base + cols, mask=col_mask, other=0.0)
-        u = tl.load(u_ptr + vec_base + cols, mask=col_mask, other=0.0)
-        p = tl.where(mask, tl.exp((s - m[None, :]) * inv_eps), 0.0)
-        c += tl.sum(p * u[None, :], axis=1)
-    c = c * weight
-    # The sample weight is folded into v: removed rows get v = 0 and add nothing.
-    v = tl.where(row_mask, weight / (n_total * tl.maximum(c, tiny)), 0.0)
-
-    # 2) this block's share of the next prototype sums
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_mask = cols < K
-        mask = row_mask[:, None] & col_mask[None, :]
-        s = tl.load(row_ptrs + cols[None, :], mask=mask, other=0.0)
-        m = tl.load(colmax_ptr + vec_base + cols, mask=col_mask, other=0.0)
-        p = tl.where(mask, tl.exp((s - m[None, :]) * inv_eps), 0.0)
-        r = tl.sum(p * v[:, None], axis=0)
-        out = (slot * n_row_blocks_total + block_offset + pid).to(tl.int64) * K + cols
-        tl.store(r_part_ptr + out, r, mask=col_mask)
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    slot = tl.program_id(2)
+    crop = tl.load(assign_ptr + slot)
+    valid = tl.load(valid_ptr).to(tl.float32)
+    local = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_range = local < n_rows
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_mask = cols < K
+    vec = slot.to(tl.int64) * K + cols
+    colmax = tl.load(colmax_ptr + vec, mask=col_mask, other=0.0)
+    u = tl.load(u_ptr + vec, mask=col_mask, other=0.0)
+    p, _ = _segment_exp(s_ptr, q_ptr, slot, crop, valid, row_offset + local, in_range, cols,
+                        col_mask, colmax, B, L, K, inv_eps)
+    c = tl.sum(p * u[None, :], axis=1)
+    out = (slot * tl.num_programs(1) + pid_k).to(tl.int64) * n_rows + local
+    tl.store(c_part_ptr + out, c, mask=in_range)
 
 
-def sinkhorn_pass(
+@triton.jit
+def _col_sums_kernel(
+    s_ptr, q_ptr, assign_ptr, valid_ptr, colmax_ptr, v_ptr, r_part_ptr,
+    B, L, K, rows_per_program, inv_eps,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    slot = tl.program_id(2)
+    crop = tl.load(assign_ptr + slot)
+    valid = tl.load(valid_ptr).to(tl.float32)
+    seg_rows = L + B
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_mask = cols < K
+    colmax = tl.load(colmax_ptr + slot.to(tl.int64) * K + cols, mask=col_mask, other=0.0)
+    r = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for r0 in range(0, rows_per_program, BLOCK_R):
+        rows = pid_c * rows_per_program + r0 + tl.arange(0, BLOCK_R)
+        in_range = rows < seg_rows
+        p, takes_part = _segment_exp(s_ptr, q_ptr, slot, crop, valid, rows, in_range, cols,
+                                     col_mask, colmax, B, L, K, inv_eps)
+        v = tl.load(v_ptr + slot.to(tl.int64) * seg_rows + rows, mask=takes_part, other=0.0)
+        r += tl.sum(p * v[:, None], axis=0)
+    out = (slot * tl.num_programs(0) + pid_c).to(tl.int64) * K + cols
+    tl.store(r_part_ptr + out, r, mask=col_mask)
+
+
+def sinkhorn_row_sums(
     scores: torch.Tensor,
-    row_start: torch.Tensor,
-    n_rows: int,
-    weight: torch.Tensor,
+    queue_scores: "torch.Tensor | None",
+    assign: torch.Tensor,
+    valid: torch.Tensor,
     colmax: torch.Tensor,
     u: torch.Tensor,
-    n_total: torch.Tensor,
-    r_part: torch.Tensor,
     *,
-    block_offset: int = 0,
-    epsilon: float = 0.05,
-    block_r: int = 32,
-    block_k: int = 128,
+    batch: int,
+    row_offset: int,
+    epsilon: float,
+    block_r: int,
+    block_k: int,
     num_warps: int = 4,
-) -> None:
-    """One scaling pass over one segment of rows for each of A assigned crops.
+) -> torch.Tensor:
+    """Partial sample sums of segment rows ``row_offset ..`` (``L + B`` rows a segment).
 
     Args:
-        scores: float32 ``[*, K]`` (contiguous); slot ``a`` uses rows
-            ``row_start[a] .. row_start[a] + n_rows - 1``.
-        row_start: int32 ``[A]``.
-        weight: float 0-dim 0/1 tensor: whether this segment takes part (queue_valid).
-        colmax: ``[A, K]`` float32 per-prototype max (global, finite).
-        u: ``[A, K]`` float32 current prototype scaling.
-        n_total: float32 0-dim: participating samples over all processes.
-        r_part: ``[A, n_row_blocks_total, K]`` float32 output; this call fills row blocks
-            ``block_offset .. block_offset + cdiv(n_rows, block_r) - 1``.
+        scores: ``[n_crops * B, K]`` float32, crop-major; slot ``a``'s batch rows are crop
+            ``assign[a]``'s.
+        queue_scores: ``[A, L, K]`` float32 or None (L = 0).
+        assign: int32 ``[A]`` crop of each slot; valid: float 0-dim 0/1 (queue takes part).
+        colmax, u: ``[A, K]`` float32 shift (finite) and prototype scaling.
+        row_offset: first segment row to cover (``L`` covers the batch rows only).
+
+    Returns:
+        ``[A, cdiv(K, block_k), n_rows]`` float32 partial sums (add over dim 1).
     """
     n_slots, n_protos = u.shape
-    n_rb = triton.cdiv(n_rows, block_r)
-    if n_rb == 0:
-        return
-    _sinkhorn_pass_kernel[(n_rb, n_slots)](
-        scores, row_start, weight, colmax, u, n_total, r_part,
-        n_rows, n_protos, r_part.shape[1], block_offset, 1.0 / epsilon, FP32_TINY,
-        BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
-    )
+    q_len = 0 if queue_scores is None else queue_scores.shape[1]
+    n_rows = q_len + batch - row_offset
+    n_kb = triton.cdiv(n_protos, block_k)
+    c_part = torch.empty((n_slots, n_kb, n_rows), device=scores.device, dtype=torch.float32)
+    with device_guard(scores):
+        _row_sums_kernel[(triton.cdiv(n_rows, block_r), n_kb, n_slots)](
+            scores, scores if queue_scores is None else queue_scores, assign, valid, colmax, u,
+            c_part, batch, q_len, n_protos, row_offset, n_rows, 1.0 / epsilon,
+            BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
+        )
+    return c_part
+
+
+def sinkhorn_col_sums(
+    scores: torch.Tensor,
+    queue_scores: "torch.Tensor | None",
+    assign: torch.Tensor,
+    valid: torch.Tensor,
+    colmax: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    batch: int,
+    epsilon: float,
+    rows_per_program: int,
+    block_r: int,
+    block_k: int,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """Partial prototype sums ``sum_n P[n, k] v_n`` over chunks of the whole segment.
+
+    ``v``: ``[A, L + B]`` float32 sample scaling (0 for rows that take no part);
+    ``rows_per_program`` a multiple of ``block_r``. Other arguments as in
+    :func:`sinkhorn_row_sums`. Returns ``[A, n_chunks, K]`` float32 (add over dim 1).
+    """
+    if rows_per_program % block_r:
+        raise ValueError(f"rows_per_program {rows_per_program} is not a multiple of {block_r}")
+    n_slots, n_protos = colmax.shape
+    q_len = 0 if queue_scores is None else queue_scores.shape[1]
+    n_chunks = triton.cdiv(q_len + batch, rows_per_program)
+    r_part = torch.empty((n_slots, n_chunks, n_protos), device=scores.device, dtype=torch.float32)
+    with device_guard(scores):
+        _col_sums_kernel[(n_chunks, triton.cdiv(n_protos, block_k), n_slots)](
+            scores, scores if queue_scores is None else queue_scores, assign, valid, colmax, v,
+            r_part, batch, q_len, n_protos, rows_per_program, 1.0 / epsilon,
+            BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
+        )
+    return r_part

@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from .loss import check_crop_layout
 from ..profiling import nvtx_range
+from fastswav.kernels._common import DEFAULT_PRECISION, PRECISIONS  # torch only, no Triton
 from .sinkhorn import all_reduce_
 
 
@@ -69,15 +70,37 @@ def _group(key: int):
     return None if key == 0 else _GROUPS[key]
 
 
-# --- tile sizes ---------------------------------------------------------------------------
-def _blocks(device: torch.device) -> dict:
-    """Tile sizes: GPU tiles, or small ones under the interpreter so that tests with small
-    shapes still cover several blocks and ragged edges."""
-    if device.type == "cuda":
-        return dict(score_r=64, score_k=64, pass_r=16, pass_k=256, ce_r=16, ce_k=256,
-                    bwd_r=32, bwd_k=128, warps=4)
-    return dict(score_r=16, score_k=32, pass_r=16, pass_k=32, ce_r=16, ce_k=32,
-                bwd_r=16, bwd_k=32, warps=4)
+# --- small index tensors: made once per device, so a step copies nothing from the host --
+_INDEX_CACHE: "dict[tuple, torch.Tensor]" = {}
+
+
+def _device_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """An int32 tensor of ``values`` on ``device``, cached: the one host-to-device copy
+    happens on the first call (a warm-up step, before any CUDA graph is captured)."""
+    key = (tuple(int(v) for v in values), device)
+    cached = _INDEX_CACHE.get(key)
+    if cached is None:
+        cached = torch.tensor(key[0], dtype=torch.int32, device=device)
+        _INDEX_CACHE[key] = cached
+    return cached
+
+
+def _slot_of_crop(n_crops: int, crops_for_assign: Sequence[int]) -> List[int]:
+    """Slot ``a`` of crop ``v`` when ``v == crops_for_assign[a]``, else -1."""
+    slots = [-1] * n_crops
+    for a, crop in enumerate(crops_for_assign):
+        slots[crop] = a
+    return slots
+
+
+def _tiles(like: torch.Tensor, *, batch, n_protos, n_crops, n_assign, queue_len, dim=128,
+           precision=DEFAULT_PRECISION):
+    from fastswav.kernels._common import targets_gpu
+    from fastswav.kernels.tiles import loss_tiles
+
+    return loss_tiles(targets_gpu(like), batch=batch, n_protos=n_protos, dim=dim,
+                      n_crops=n_crops, n_assign=n_assign, queue_len=queue_len,
+                      precision=precision)
 
 
 def _combine_lse(rowmax: torch.Tensor, rowsum: torch.Tensor) -> torch.Tensor:
@@ -87,36 +110,32 @@ def _combine_lse(rowmax: torch.Tensor, rowsum: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_impl(embeddings, prototypes, queue, queue_valid, n_crops, crops_for_assign,
-                  temperature, epsilon, sinkhorn_iterations, group_key):
+                  temperature, epsilon, sinkhorn_iterations, group_key, precision):
     from fastswav.kernels.scores import prototype_scores
 
     group = _group(group_key)
     device = embeddings.device
-    cfg = _blocks(device)
     n_rows, dim = embeddings.shape
     batch = n_rows // n_crops
     n_protos = prototypes.shape[0]
     n_slots = len(crops_for_assign)
     has_queue = queue is not None and queue.shape[1] > 0
     q_len = queue.shape[1] if has_queue else 0
+    tiles = _tiles(embeddings, batch=batch, n_protos=n_protos, n_crops=n_crops,
+                   n_assign=n_slots, queue_len=q_len, dim=dim, precision=precision)
 
-    score_r = cfg["score_r"]
+    score_r, score_k = tiles.scores.rows, tiles.scores.cols
     n_qb = -(-q_len // score_r)
     n_bb = -(-batch // score_r)
     colmax = torch.empty((n_slots, n_qb + n_bb, n_protos), device=device, dtype=torch.float32)
     colsum = torch.empty_like(colmax)
-
-    # crop v feeds Sinkhorn slot a when v == crops_for_assign[a]
-    slot_of_crop = [-1] * n_crops
-    for a, crop in enumerate(crops_for_assign):
-        slot_of_crop[crop] = a
-    crop_slots = torch.tensor(slot_of_crop, dtype=torch.int32, device=device)
+    common = dict(epsilon=epsilon, precision=precision, block_r=score_r, block_k=score_k,
+                  block_d=tiles.score_d, num_warps=tiles.scores.warps)
     scores, inv_x, inv_w, rowmax, rowsum = prototype_scores(
         embeddings.view(n_crops, batch, dim), prototypes,
-        col_slots=crop_slots, colmax=colmax, colsum=colsum, col_block_offset=n_qb,
-        epsilon=epsilon, row_stats=True, temperature=temperature,
-        block_r=score_r, block_k=cfg["score_k"], num_warps=cfg["warps"],
-    )
+        col_slots=_device_ints(_slot_of_crop(n_crops, crops_for_assign), device),
+        colmax=colmax, colsum=colsum, col_block_offset=n_qb, row_stats=True,
+        temperature=temperature, **common)
     scores = scores.view(n_rows, n_protos)
     lse = _combine_lse(rowmax, rowsum)
 
@@ -124,11 +143,8 @@ def _forward_impl(embeddings, prototypes, queue, queue_valid, n_crops, crops_for
         valid = (queue_valid.to(device=device, dtype=torch.float32).reshape(())
                  if queue_valid is not None else torch.ones((), device=device))
         queue_scores, _, _, _, _ = prototype_scores(
-            queue, prototypes,
-            col_slots=torch.arange(n_slots, dtype=torch.int32, device=device), col_weight=valid,
-            colmax=colmax, colsum=colsum, col_block_offset=0, epsilon=epsilon,
-            block_r=score_r, block_k=cfg["score_k"], num_warps=cfg["warps"],
-        )
+            queue, prototypes, col_slots=_device_ints(range(n_slots), device), col_weight=valid,
+            colmax=colmax, colsum=colsum, col_block_offset=0, **common)
     else:
         queue_scores = valid = None
     # The op body runs eagerly even in a compiled step, so this range shows there too.
@@ -136,12 +152,13 @@ def _forward_impl(embeddings, prototypes, queue, queue_valid, n_crops, crops_for
         loss, codes, code_sum = sinkhorn_and_loss(
             scores, lse, colmax, colsum, queue_scores, valid, n_crops=n_crops,
             crops_for_assign=crops_for_assign, temperature=temperature, epsilon=epsilon,
-            sinkhorn_iterations=sinkhorn_iterations, group=group)
+            sinkhorn_iterations=sinkhorn_iterations, group=group, tiles=tiles)
     return loss, scores, codes, code_sum, lse, inv_x, inv_w
 
 
 def sinkhorn_and_loss(scores, lse, colmax, colsum, queue_scores, valid, *, n_crops,
-                      crops_for_assign, temperature, epsilon, sinkhorn_iterations, group=None):
+                      crops_for_assign, temperature, epsilon, sinkhorn_iterations, group=None,
+                      tiles=None):
     """Stages 2 and 3 from stored scores and the score kernel's statistics.
 
     Args:
@@ -149,26 +166,32 @@ def sinkhorn_and_loss(scores, lse, colmax, colsum, queue_scores, valid, *, n_cro
         colmax, colsum: ``[A, blocks, K]`` per-block max and sum of exp((s - max) / eps)
             over the participating rows of each assigned crop and its queue.
         queue_scores: ``[A, L, K]`` float32 or None; valid: float 0-dim 0/1 or None.
+        tiles: :class:`fastswav.kernels.tiles.LossTiles` (default: the rule's for this shape).
 
     Returns:
         ``(loss, codes [A, B, K], code_sum [A, B])``.
     """
-    from fastswav.kernels.sinkhorn import sinkhorn_pass
+    from fastswav.kernels.sinkhorn import sinkhorn_col_sums, sinkhorn_row_sums
     from fastswav.kernels.swapped_ce import swapped_ce_forward
 
     device = scores.device
-    cfg = _blocks(device)
     n_protos = scores.shape[1]
     batch = scores.shape[0] // n_crops
     n_slots = len(crops_for_assign)
-    assign = torch.tensor(list(crops_for_assign), dtype=torch.int32, device=device)
     has_queue = queue_scores is not None and queue_scores.shape[1] > 0
     q_len = queue_scores.shape[1] if has_queue else 0
+    if not has_queue:
+        queue_scores = None
+    if tiles is None:
+        tiles = _tiles(scores, batch=batch, n_protos=n_protos, n_crops=n_crops,
+                       n_assign=n_slots, queue_len=q_len)
+    assign = _device_ints(crops_for_assign, device)
     if has_queue:
         if valid is None:
             valid = torch.ones((), device=device)
         n_total = batch + valid * q_len
     else:
+        valid = torch.ones((), device=device)
         n_total = torch.full((), float(batch), device=device)
     n_total = all_reduce_(n_total.clone(), group=group)
 
@@ -182,6 +205,8 @@ def sinkhorn_and_loss(scores, lse, colmax, colsum, queue_scores, valid, *, n_cro
     proto_sums = all_reduce_((colsum * rescale).sum(dim=1), group=group)  # [A, K]
 
     tiny = torch.finfo(torch.float32).tiny
+    rows_tile, cols_tile = tiles.row_sums, tiles.col_sums
+    segment = dict(batch=batch, epsilon=epsilon)
     if sinkhorn_iterations == 0:
         # Q = exp((S - M) / eps) / total * n_total with one shift M for all prototypes (as the
         # reference: no row normalisation to cancel a per-prototype shift); fold into u.
@@ -189,35 +214,39 @@ def sinkhorn_and_loss(scores, lse, colmax, colsum, queue_scores, valid, *, n_cro
         to_top = torch.exp((global_max - top) / epsilon)
         total = (proto_sums * to_top).sum(dim=1, keepdim=True)
         u = n_total * to_top / total
+        row_scale = torch.ones((n_slots, batch), device=device, dtype=torch.float32)
     else:
         u = 1.0 / (n_protos * proto_sums.clamp_min(tiny))
-        pass_r = cfg["pass_r"]
-        n_pq = -(-q_len // pass_r)
-        n_pb = -(-batch // pass_r)
-        r_part = torch.empty((n_slots, n_pq + n_pb, n_protos), device=device, dtype=torch.float32)
-        batch_rows = (assign * batch).contiguous()
-        ones = torch.ones((), device=device, dtype=torch.float32)
         for _ in range(sinkhorn_iterations - 1):
+            c = sinkhorn_row_sums(scores, queue_scores, assign, valid, global_max, u,
+                                  row_offset=0, block_r=rows_tile.rows, block_k=rows_tile.cols,
+                                  num_warps=rows_tile.warps, **segment).sum(dim=1)
+            v = 1.0 / (n_total * c.clamp_min(tiny))
             if has_queue:
-                sinkhorn_pass(queue_scores.view(n_slots * q_len, n_protos),
-                              torch.arange(n_slots, dtype=torch.int32, device=device) * q_len,
-                              q_len, valid, global_max, u, n_total, r_part, block_offset=0,
-                              epsilon=epsilon, block_r=pass_r, block_k=cfg["pass_k"],
-                              num_warps=cfg["warps"])
-            sinkhorn_pass(scores, batch_rows, batch, ones, global_max, u, n_total, r_part,
-                          block_offset=n_pq, epsilon=epsilon, block_r=pass_r,
-                          block_k=cfg["pass_k"], num_warps=cfg["warps"])
-            r = all_reduce_(r_part.sum(dim=1), group=group)  # the multi-GPU hook
+                v[:, :q_len] *= valid  # queue rows that take no part get v = 0
+            r = sinkhorn_col_sums(scores, queue_scores, assign, valid, global_max, v,
+                                  rows_per_program=tiles.col_rows_per_program,
+                                  block_r=cols_tile.rows, block_k=cols_tile.cols,
+                                  num_warps=cols_tile.warps, **segment).sum(dim=1)
+            r = all_reduce_(r, group=group)  # the multi-GPU hook
             u = 1.0 / (n_protos * r.clamp_min(tiny))
-    u = u.contiguous()
-    global_max = global_max.contiguous()
+        # The last sample normalisation, of the batch rows only: each code row sums to 1.
+        c = sinkhorn_row_sums(scores, queue_scores, assign, valid, global_max, u,
+                              row_offset=q_len, block_r=rows_tile.rows, block_k=rows_tile.cols,
+                              num_warps=rows_tile.warps, **segment).sum(dim=1)
+        row_scale = 1.0 / c.clamp_min(tiny)
 
-    codes, code_sum, loss_part = swapped_ce_forward(
-        scores, lse, assign, global_max, u, n_crops=n_crops, epsilon=epsilon,
-        temperature=temperature, normalize_rows=sinkhorn_iterations > 0,
-        block_r=cfg["ce_r"], block_k=cfg["ce_k"], num_warps=cfg["warps"],
-    )
-    loss = -loss_part.sum() / (n_slots * batch * (n_crops - 1))
+    ce = tiles.ce_forward
+    codes, dot_part, sum_part = swapped_ce_forward(
+        scores, assign, global_max.contiguous(), u.contiguous(), row_scale.contiguous(),
+        n_crops=n_crops, epsilon=epsilon, block_r=ce.rows, block_k=ce.cols, num_warps=ce.warps)
+    code_dot = dot_part.sum(dim=1)
+    code_sum = sum_part.sum(dim=1)
+    lse_by_crop = lse.view(n_crops, batch)
+    # basic indexing by Python ints: views, no index tensor from the host
+    lse_others = lse_by_crop.sum(dim=0) - torch.stack([lse_by_crop[c] for c in crops_for_assign])
+    per_row = code_dot / temperature - code_sum * lse_others
+    loss = -per_row.sum() / (n_slots * batch * (n_crops - 1))
     return loss, codes, code_sum
 
 
@@ -233,6 +262,7 @@ def _swav_loss_op(
     epsilon: float,
     sinkhorn_iterations: int,
     group_key: int,
+    precision: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """(loss, scores, codes, code_sum, lse, inv_norm_embeddings, inv_norm_prototypes);
@@ -240,12 +270,12 @@ def _swav_loss_op(
     return _forward_impl(embeddings.contiguous(), prototypes.contiguous(),
                          None if queue is None else queue.contiguous(), queue_valid, n_crops,
                          list(crops_for_assign), temperature, epsilon, sinkhorn_iterations,
-                         group_key)
+                         group_key, precision)
 
 
 @_swav_loss_op.register_fake
 def _(embeddings, prototypes, queue, queue_valid, n_crops, crops_for_assign, temperature,
-      epsilon, sinkhorn_iterations, group_key):
+      epsilon, sinkhorn_iterations, group_key, precision):
     n_rows = embeddings.shape[0]
     batch = n_rows // n_crops
     n_protos = prototypes.shape[0]
@@ -258,6 +288,21 @@ def _(embeddings, prototypes, queue, queue_valid, n_crops, crops_for_assign, tem
             embeddings.new_empty((n_rows,), **f32),
             embeddings.new_empty((n_rows,), **f32),
             embeddings.new_empty((n_protos,), **f32))
+
+
+# Backward matmul operands per precision: "tf32" rounds the forward's operands to an 11-bit
+# significand, so its backward multiplies fp16 operands (the same significand; dS is kept
+# O(1) by leaving out the loss's 1/(T A B (V-1)), and z, c are unit rows, so fp16's range is
+# never an issue); "bf16" multiplies bf16; "ieee" and "tf32x3" keep float32 (torch's float32
+# matmul setting applies to those).
+_BACKWARD_DTYPE = {"tf32": torch.float16, "bf16": torch.bfloat16}
+
+
+def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with 16-bit operands, float32 accumulation and output (emulated off CUDA)."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
 
 
 @torch.library.custom_op("fastswav::swav_loss_backward", mutates_args=())
@@ -274,23 +319,33 @@ def _swav_loss_backward_op(
     n_crops: int,
     crops_for_assign: List[int],
     temperature: float,
+    precision: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gradients of the loss w.r.t. the raw embeddings and (straight-through) prototypes."""
-    from fastswav.kernels.swapped_ce import swapped_ce_backward
+    from fastswav.kernels.swapped_ce import loss_scale, swapped_ce_backward
 
     device = embeddings.device
-    cfg = _blocks(device)
-    assign = torch.tensor(list(crops_for_assign), dtype=torch.int32, device=device)
+    batch = scores.shape[0] // n_crops
+    n_slots = len(crops_for_assign)
+    tile = _tiles(scores, batch=batch, n_protos=scores.shape[1], n_crops=n_crops,
+                  n_assign=n_slots, queue_len=0).ce_backward
+    grad_loss = grad_loss.to(torch.float32).reshape(()).contiguous()
+    low = _BACKWARD_DTYPE.get(precision)
     grad_scores = swapped_ce_backward(
-        grad_loss.to(torch.float32).reshape(()).contiguous(), scores, lse, assign, codes,
-        code_sum, n_crops=n_crops, temperature=temperature, block_r=cfg["bwd_r"],
-        block_k=cfg["bwd_k"], num_warps=cfg["warps"],
-    )
+        grad_loss, scores, lse, _device_ints(_slot_of_crop(n_crops, crops_for_assign), device),
+        codes, code_sum, n_crops=n_crops, temperature=temperature, block_r=tile.rows,
+        block_k=tile.cols, num_warps=tile.warps, out_dtype=low or torch.float32,
+        unit_scale=low is not None)
     x = embeddings.float()
     z = x * inv_x[:, None]
     c = prototypes.float() * inv_w[:, None]
-    grad_z = grad_scores @ c
-    grad_c = grad_scores.t() @ z
+    if low is not None:
+        coef = grad_loss * loss_scale(temperature, n_slots, batch, n_crops)
+        grad_z = _mm_fp32_out(grad_scores, c.to(low)) * coef
+        grad_c = _mm_fp32_out(grad_scores.t(), z.to(low)) * coef
+    else:
+        grad_z = grad_scores @ c
+        grad_c = grad_scores.t() @ z
     # Backward of x / max(||x||, 1e-12): project out the radial part where the norm was used.
     norm_used = (inv_x < 1e12)[:, None]
     radial = z * (z * grad_z).sum(dim=1, keepdim=True)
@@ -301,18 +356,19 @@ def _swav_loss_backward_op(
 
 @_swav_loss_backward_op.register_fake
 def _(grad_loss, embeddings, prototypes, scores, codes, code_sum, lse, inv_x, inv_w, n_crops,
-      crops_for_assign, temperature):
+      crops_for_assign, temperature, precision):
     return torch.empty_like(embeddings), torch.empty_like(prototypes)
 
 
 def _setup_context(ctx, inputs, output):
     (embeddings, prototypes, _queue, _valid, n_crops, crops_for_assign, temperature, _eps,
-     _iters, _key) = inputs
+     _iters, _key, precision) = inputs
     _loss, scores, codes, code_sum, lse, inv_x, inv_w = output
     ctx.save_for_backward(embeddings, prototypes, scores, codes, code_sum, lse, inv_x, inv_w)
     ctx.n_crops = n_crops
     ctx.crops_for_assign = list(crops_for_assign)
     ctx.temperature = temperature
+    ctx.precision = precision
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
 
@@ -320,14 +376,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *_unused_grads):
     embeddings, prototypes, scores, codes, code_sum, lse, inv_x, inv_w = ctx.saved_tensors
     if grad_loss is None:
-        return (None,) * 10
+        return (None,) * 11
     grad_x, grad_c = _swav_loss_backward_op(
         grad_loss, embeddings, prototypes, scores, codes, code_sum, lse, inv_x, inv_w,
-        ctx.n_crops, ctx.crops_for_assign, ctx.temperature,
+        ctx.n_crops, ctx.crops_for_assign, ctx.temperature, ctx.precision,
     )
     return (grad_x if ctx.needs_input_grad[0] else None,
             grad_c if ctx.needs_input_grad[1] else None,
-            None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None)
 
 
 _swav_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -345,8 +401,16 @@ def swav_loss_fused(
     queue: Optional[torch.Tensor] = None,
     queue_valid: Optional[torch.Tensor] = None,
     group=None,
+    precision: str = DEFAULT_PRECISION,
 ) -> torch.Tensor:
     """The SwAV loss through the fused kernels; arguments as in ``swav_loss_reference``.
+
+    ``precision`` sets the tensor-core precision of the score matmul (float32 or mixed
+    inputs) and of the backward matmuls: ``"tf32"`` (default: operands rounded to an 11-bit
+    significand, as accurate as the official fp16 run or better; see
+    benchmarks/NOTES_loss.md), ``"tf32x3"`` (near float32), ``"bf16"``, or ``"ieee"``
+    (float32 FMA throughout: the exact mode for checks). Two bf16 (or fp16) inputs are
+    multiplied as they are, exactly, in every mode.
 
     The queue only ever enters Sinkhorn (no gradient flows into it), the codes carry no
     gradient, and the prototype gradient is straight-through, exactly as in the reference.
@@ -372,7 +436,9 @@ def swav_loss_fused(
         queue = queue.detach()
     if queue_valid is not None:
         queue_valid = queue_valid.detach()
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     out = _swav_loss_op(embeddings, prototypes, queue, queue_valid, int(n_crops),
                         [int(c) for c in crops_for_assign], float(temperature), float(epsilon),
-                        int(sinkhorn_iterations), _group_key(group))
+                        int(sinkhorn_iterations), _group_key(group), precision)
     return out[0]

@@ -85,7 +85,12 @@ def sinkhorn_knopp(
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     if n_iters == 0:
         row_max = row_max.max().expand_as(row_max)  # no row normalisation to cancel a per-row shift
-    q = torch.exp((s - row_max) / epsilon).t()  # [K, N], K-major as in the paper
+    shifted = s - row_max
+    if w is not None:
+        # Mask before the exp: a sample that takes no part is left out of the max, so its
+        # scores may lie far above it, and exp of them times a weight of 0 would be inf * 0.
+        shifted = torch.where(w > 0, shifted, torch.full_like(shifted, -torch.inf))
+    q = torch.exp(shifted / epsilon).t()  # [K, N], K-major as in the paper
     if w is not None:
         q = q * w.t()
         n_total = w.sum()
