@@ -110,7 +110,8 @@ class SwAVLoss(nn.Module):
         if queue is not None:
             batch = check_crop_layout(embeddings.shape[0], self.n_crops, self.crops_for_assign)
             z = F.normalize(embeddings.detach().float(), dim=1).view(self.n_crops, batch, -1)
-            queue.push(z[list(self.crops_for_assign)])
+            # views by Python ints and one stack: no index tensor copied from the host
+            queue.push(torch.stack([z[c] for c in self.crops_for_assign]))
         return loss
 
     def extra_repr(self) -> str:

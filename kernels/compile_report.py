@@ -239,8 +239,8 @@ def run_loss_case(case: LossCase) -> None:
     crops = [0, 1]
     loss, scores, codes, code_sum, lse, inv_x, inv_w = fused_loss._forward_impl(
         emb, protos, queue, valid, case.n_crops, crops, 0.1, 0.05, 3, 0, case.precision)
-    fused_loss._swav_loss_backward_op(torch.ones(()), emb, protos, scores, codes, code_sum, lse,
-                                      inv_x, inv_w, case.n_crops, crops, 0.1, case.precision)
+    fused_loss._backward_impl(torch.ones(()), emb, protos, scores, codes, code_sum, lse,
+                              inv_x, inv_w, case.n_crops, crops, 0.1, case.precision)
 
 
 def extra_cases() -> List[tuple]:

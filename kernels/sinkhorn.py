@@ -9,14 +9,19 @@ so their scores, which may lie above m_k, never make inf * 0 = NaN.
 
 Each assigned crop ("slot") has one segment of rows: its queue (``L`` rows, weighted by
 the 0/1 ``valid``), then its batch rows (``B``, weight 1). One Sinkhorn round is two
-launches, each split over rows, prototype columns and slots so that small batches still
-fill the GPU:
+launches when the segment is short (B = 64 and no queue: too few rows to fill a GPU with
+row blocks alone), each split over rows, prototype columns and slots:
 
 - :func:`sinkhorn_row_sums`: partial sums c_n = sum_k P[n, k] u_k per block of columns
   (the caller adds them and sets v_n = w_n / (n_total * c_n); no reduction across
   processes: each sample lives on one process);
 - :func:`sinkhorn_col_sums`: partial sums r_k = sum_n P[n, k] v_n per chunk of rows (the
   caller adds them, all_reduces r across processes and sets u = 1 / (K * r)).
+
+When the segment is long (a queue), one launch does a round: :func:`sinkhorn_pass`, one
+program per block of rows sweeping all K twice (sample sums, then its share of the
+prototype sums); the second sweep reads the block's scores again from L2, so a round costs
+one read of the scores from DRAM instead of two.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_guard
+from ._common import FP32_TINY, device_guard
 
 
 @triton.jit
@@ -93,6 +98,77 @@ def _col_sums_kernel(
         r += tl.sum(p * v[:, None], axis=0)
     out = (slot * tl.num_programs(0) + pid_c).to(tl.int64) * K + cols
     tl.store(r_part_ptr + out, r, mask=col_mask)
+
+
+@triton.jit
+def _pass_kernel(
+    s_ptr, q_ptr, assign_ptr, valid_ptr, colmax_ptr, u_ptr, n_total_ptr, r_part_ptr,
+    B, L, K, inv_eps, tiny,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    slot = tl.program_id(1)
+    crop = tl.load(assign_ptr + slot)
+    valid = tl.load(valid_ptr).to(tl.float32)
+    n_total = tl.load(n_total_ptr).to(tl.float32)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_range = rows < L + B
+    vec = slot.to(tl.int64) * K
+    # 1) sample sums with the current prototype scaling u
+    c = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < K
+        colmax = tl.load(colmax_ptr + vec + cols, mask=col_mask, other=0.0)
+        u = tl.load(u_ptr + vec + cols, mask=col_mask, other=0.0)
+        p, _ = _segment_exp(s_ptr, q_ptr, slot, crop, valid, rows, in_range, cols, col_mask,
+                            colmax, B, L, K, inv_eps)
+        c += tl.sum(p * u[None, :], axis=1)
+    takes_part = in_range & (tl.where(rows < L, valid, 1.0) > 0)
+    v = tl.where(takes_part, 1.0 / (n_total * tl.maximum(c, tiny)), 0.0)
+    # 2) this block's share of the next prototype sums (the block's scores are in L2 now)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < K
+        colmax = tl.load(colmax_ptr + vec + cols, mask=col_mask, other=0.0)
+        p, _ = _segment_exp(s_ptr, q_ptr, slot, crop, valid, rows, in_range, cols, col_mask,
+                            colmax, B, L, K, inv_eps)
+        out = (slot * tl.num_programs(0) + pid).to(tl.int64) * K + cols
+        tl.store(r_part_ptr + out, tl.sum(p * v[:, None], axis=0), mask=col_mask)
+
+
+def sinkhorn_pass(
+    scores: torch.Tensor,
+    queue_scores: "torch.Tensor | None",
+    assign: torch.Tensor,
+    valid: torch.Tensor,
+    colmax: torch.Tensor,
+    u: torch.Tensor,
+    n_total: torch.Tensor,
+    *,
+    batch: int,
+    epsilon: float,
+    block_r: int,
+    block_k: int,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """One whole round over each slot's segment: v from u, then partial prototype sums.
+
+    ``n_total``: float32 0-dim, participating samples over all processes. Other arguments
+    as in :func:`sinkhorn_row_sums`. Returns ``[A, cdiv(L + B, block_r), K]`` float32
+    partial sums of ``sum_n P[n, k] v_n`` (add over dim 1).
+    """
+    n_slots, n_protos = u.shape
+    q_len = 0 if queue_scores is None else queue_scores.shape[1]
+    n_rb = triton.cdiv(q_len + batch, block_r)
+    r_part = torch.empty((n_slots, n_rb, n_protos), device=scores.device, dtype=torch.float32)
+    with device_guard(scores):
+        _pass_kernel[(n_rb, n_slots)](
+            scores, scores if queue_scores is None else queue_scores, assign, valid, colmax, u,
+            n_total, r_part, batch, q_len, n_protos, 1.0 / epsilon, FP32_TINY,
+            BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
+        )
+    return r_part
 
 
 def sinkhorn_row_sums(

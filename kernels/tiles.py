@@ -31,6 +31,8 @@ class LossTiles:
     row_sums: Tile      # Sinkhorn sample sums; grid (rows, K, slots)
     col_sums: Tile      # Sinkhorn prototype sums; grid (row chunks, K, slots)
     col_rows_per_program: int
+    one_launch_rounds: bool  # Sinkhorn rounds in one launch (sinkhorn_pass) with pass_tile
+    pass_tile: Tile
     ce_forward: Tile    # codes + cross-entropy partials; grid (rows, K)
     ce_backward: Tile   # dS of every crop; grid (rows, K)
 
@@ -62,8 +64,10 @@ def loss_tiles(gpu: bool, *, batch: int, n_protos: int, dim: int, n_crops: int,
     """
     if not gpu:
         small = Tile(16, 32)
+        # the interpreter covers both Sinkhorn schemes: one launch a round with a queue
         return LossTiles(scores=small, score_d=min(128, triton.next_power_of_2(max(dim, 16))),
                          row_sums=small, col_sums=small, col_rows_per_program=32,
+                         one_launch_rounds=queue_len > 0, pass_tile=small,
                          ce_forward=small, ce_backward=small)
     if precision == "ieee":
         score_d = min(32, triton.next_power_of_2(max(dim, 16)))
@@ -78,8 +82,13 @@ def loss_tiles(gpu: bool, *, batch: int, n_protos: int, dim: int, n_crops: int,
     # as fill the card (fewer partial sums to add afterwards).
     chunks_needed = triton.cdiv(MIN_PROGRAMS, triton.cdiv(n_protos, col_sums.cols) * n_assign)
     chunk = triton.cdiv(triton.cdiv(seg_rows, max(1, chunks_needed)), col_sums.rows) * col_sums.rows
+    # A round in one launch reads the scores once from DRAM instead of twice, but only
+    # parallelises over row blocks: worth it when those alone fill the card.
+    pass_tile = Tile(16, 128, 4)
+    one_launch = triton.cdiv(seg_rows, pass_tile.rows) * n_assign >= MIN_PROGRAMS
     ce_forward = _fit(batch, n_protos, 1, Tile(32, 128, 4))
     ce_backward = _fit(batch, n_protos, 1, Tile(32, 128, 4))
     return LossTiles(scores=scores, score_d=score_d, row_sums=row_sums, col_sums=col_sums,
-                     col_rows_per_program=max(col_sums.rows, chunk), ce_forward=ce_forward,
+                     col_rows_per_program=max(col_sums.rows, chunk),
+                     one_launch_rounds=one_launch, pass_tile=pass_tile, ce_forward=ce_forward,
                      ce_backward=ce_backward)

@@ -100,10 +100,10 @@ def test_scores_kernel_scores_norms_and_statistics(dtype, precision):
 
 
 @pytest.mark.parametrize("valid", [1.0, 0.0])
-def test_sinkhorn_row_and_col_sums_match_scaling_formula(valid):
-    """Both Sinkhorn kernels over a (queue, batch) segment; an unfilled queue whose scores lie
+def test_sinkhorn_kernels_match_scaling_formula(valid):
+    """The three Sinkhorn kernels over a (queue, batch) segment; an unfilled queue whose scores lie
     far above the per-prototype max (taken over the batch rows only) adds nothing, no NaN."""
-    from fastswav.kernels.sinkhorn import sinkhorn_col_sums, sinkhorn_row_sums
+    from fastswav.kernels.sinkhorn import sinkhorn_col_sums, sinkhorn_pass, sinkhorn_row_sums
 
     torch.manual_seed(2)
     n_crops, batch, q_len, n_protos, eps = 3, 21, 18, 45, 0.01
@@ -134,6 +134,16 @@ def test_sinkhorn_row_and_col_sums_match_scaling_formula(valid):
             p = torch.where(weight[:, None] > 0, p, torch.zeros_like(p))
             want = (p * v[a].double()[:, None]).sum(dim=0)
             assert torch.allclose(r_part[a].sum(dim=0).double(), want, rtol=1e-5, atol=0)
+    # a whole round in one launch: v from u, then the prototype sums
+    n_total = torch.tensor(float(batch + valid * q_len))
+    r_part = sinkhorn_pass(*args, u, n_total, batch=batch, epsilon=eps, block_r=16, block_k=32)
+    assert r_part.shape == (2, 3, n_protos) and torch.isfinite(r_part).all()
+    for a, seg in enumerate(segments):
+        p = torch.exp((seg.double() - colmax[a].double()) / eps)
+        p = torch.where(weight[:, None] > 0, p, torch.zeros_like(p))
+        v_round = weight / (n_total.double() * (p @ u[a].double()).clamp_min(torch.finfo(torch.float32).tiny))
+        want = (p * v_round[:, None]).sum(dim=0)
+        assert torch.allclose(r_part[a].sum(dim=0).double(), want, rtol=1e-5, atol=0)
 
 
 def _stats_from_scores(seg_scores, eps):

@@ -171,7 +171,7 @@ def sinkhorn_and_loss(scores, lse, colmax, colsum, queue_scores, valid, *, n_cro
     Returns:
         ``(loss, codes [A, B, K], code_sum [A, B])``.
     """
-    from fastswav.kernels.sinkhorn import sinkhorn_col_sums, sinkhorn_row_sums
+    from fastswav.kernels.sinkhorn import sinkhorn_col_sums, sinkhorn_pass, sinkhorn_row_sums
     from fastswav.kernels.swapped_ce import swapped_ce_forward
 
     device = scores.device
@@ -218,6 +218,14 @@ def sinkhorn_and_loss(scores, lse, colmax, colsum, queue_scores, valid, *, n_cro
     else:
         u = 1.0 / (n_protos * proto_sums.clamp_min(tiny))
         for _ in range(sinkhorn_iterations - 1):
+            if tiles.one_launch_rounds:
+                pass_tile = tiles.pass_tile
+                r = sinkhorn_pass(scores, queue_scores, assign, valid, global_max, u, n_total,
+                                  block_r=pass_tile.rows, block_k=pass_tile.cols,
+                                  num_warps=pass_tile.warps, **segment).sum(dim=1)
+                r = all_reduce_(r, group=group)  # the multi-GPU hook
+                u = 1.0 / (n_protos * r.clamp_min(tiny))
+                continue
             c = sinkhorn_row_sums(scores, queue_scores, assign, valid, global_max, u,
                                   row_offset=0, block_r=rows_tile.rows, block_k=rows_tile.cols,
                                   num_warps=rows_tile.warps, **segment).sum(dim=1)
@@ -305,22 +313,8 @@ def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-@torch.library.custom_op("fastswav::swav_loss_backward", mutates_args=())
-def _swav_loss_backward_op(
-    grad_loss: torch.Tensor,
-    embeddings: torch.Tensor,
-    prototypes: torch.Tensor,
-    scores: torch.Tensor,
-    codes: torch.Tensor,
-    code_sum: torch.Tensor,
-    lse: torch.Tensor,
-    inv_x: torch.Tensor,
-    inv_w: torch.Tensor,
-    n_crops: int,
-    crops_for_assign: List[int],
-    temperature: float,
-    precision: str,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def _backward_impl(grad_loss, embeddings, prototypes, scores, codes, code_sum, lse, inv_x,
+                   inv_w, n_crops, crops_for_assign, temperature, precision):
     """Gradients of the loss w.r.t. the raw embeddings and (straight-through) prototypes."""
     from fastswav.kernels.swapped_ce import loss_scale, swapped_ce_backward
 
@@ -352,6 +346,27 @@ def _swav_loss_backward_op(
     grad_x = (grad_z - torch.where(norm_used, radial, torch.zeros_like(radial))) * inv_x[:, None]
     # Prototypes: straight-through, the gradient w.r.t. the normalised rows.
     return grad_x.to(embeddings.dtype), grad_c.to(prototypes.dtype)
+
+
+@torch.library.custom_op("fastswav::swav_loss_backward", mutates_args=())
+def _swav_loss_backward_op(
+    grad_loss: torch.Tensor,
+    embeddings: torch.Tensor,
+    prototypes: torch.Tensor,
+    scores: torch.Tensor,
+    codes: torch.Tensor,
+    code_sum: torch.Tensor,
+    lse: torch.Tensor,
+    inv_x: torch.Tensor,
+    inv_w: torch.Tensor,
+    n_crops: int,
+    crops_for_assign: List[int],
+    temperature: float,
+    precision: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the loss w.r.t. the raw embeddings and (straight-through) prototypes."""
+    return _backward_impl(grad_loss, embeddings, prototypes, scores, codes, code_sum, lse, inv_x,
+                          inv_w, n_crops, list(crops_for_assign), temperature, precision)
 
 
 @_swav_loss_backward_op.register_fake

@@ -95,7 +95,7 @@ def sinkhorn_knopp(
         q = q * w.t()
         n_total = w.sum()
     else:
-        n_total = torch.tensor(float(n_samples), device=s.device, dtype=s.dtype)
+        n_total = torch.full((), float(n_samples), device=s.device, dtype=s.dtype)
     all_reduce_(n_total, group=group)
 
     total = q.sum()
