@@ -6,15 +6,20 @@
 "eager" is a faithful transcription of the official SwAV training-loop loss: one
 log_softmax per (assigned crop, other crop) pair, torch.cat of the queue scores, and the
 official ``distributed_sinkhorn`` (exp(out / eps) without a max shift). "compiled" is
-torch.compile of that function; "fused" is ``fastswav.ops.fused_loss.swav_loss_fused``.
+torch.compile of that function; "fused" is ``fastswav.ops.fused_loss.swav_loss_fused``
+(default precision, tf32), "fused_exact" the same with ``precision="ieee"``, and
+"fused_graph" the fused forward+backward captured once in a CUDA graph and replayed (what
+``--compile=reduce-overhead`` does to the step; fwd+bwd only).
 Inputs are bf16 embeddings (the head's output under autocast), fp32 prototypes and an
 fp32 queue of normalised embeddings, as in mixed-precision training.
 
 Each configuration prints ms forward and forward+backward, speed-ups against eager and
 compiled measured in the same run, and the effective bandwidth of reading the fp32 scores
-(batch and queue) once, against the card's bandwidth. Rows go to
-``benchmarks/results/bench_loss.csv`` (see DESIGN.md) on CUDA; a CPU smoke run writes no
-rows unless ``--write-cpu`` is given (then labelled with the CPU as device).
+(batch and queue) once, against the card's bandwidth. On CUDA, the official shapes are also
+profiled kernel by kernel: each kernel's measured time per fwd+bwd beside the roofline's
+prediction (``benchmarks/roofline.py``). Rows go to ``benchmarks/results/bench_loss.csv``
+(see DESIGN.md) after each configuration, so a run cut short keeps what it measured; a CPU
+smoke run writes no rows unless ``--write-cpu`` is given (then labelled with the CPU).
 """
 from __future__ import annotations
 
@@ -36,19 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ResultWriter, device_name, shape_key  # noqa: E402
-
-# Peak memory bandwidth (GB/s) of cards we may meet, by a substring of torch's name.
-CARD_BANDWIDTH_GBS = {
-    "H200": 4800.0,
-    "H100 80GB HBM3": 3350.0,  # SXM
-    "H100 PCIe": 2000.0,
-    "H100 NVL": 3900.0,
-    "A100-SXM4-80GB": 2039.0,
-    "A100 80GB PCIe": 1935.0,
-    "A100-SXM4-40GB": 1555.0,
-    "L40S": 864.0,
-}
-
+from roofline import CARD_BANDWIDTH_GBS, CARDS, loss_launches  # noqa: E402
 
 # ------------------------------------------------------------------ official-style eager loss
 
@@ -139,6 +132,23 @@ def score_bytes(batch, n_protos, n_crops, q_len, n_assign=2):
     return 4 * n_protos * (n_crops * batch + n_assign * q_len)
 
 
+def graphed_fwd_bwd(fn, emb, protos, queue, valid):
+    """fn's forward+backward captured in one CUDA graph; returns its replay. Capturing fails
+    if anything in it syncs with the host or copies from it (the fused op must not)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up: compile, autotune, cached index tensors
+            emb.grad = protos.grad = None
+            fn(emb, protos, queue, valid).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    emb.grad = protos.grad = None
+    with torch.cuda.graph(graph):
+        fn(emb, protos, queue, valid).backward()
+    return graph.replay
+
+
 def run_config(variants, batch, n_protos, dim, n_crops, q_len, device, reps, bandwidth_gbs,
                writer, table):
     emb, protos, queue = make_inputs(batch, n_protos, dim, n_crops, q_len, device)
@@ -161,31 +171,98 @@ def run_config(variants, batch, n_protos, dim, n_crops, q_len, device, reps, ban
 
         fwd_bwd()  # compile / autotune outside the timed region
         results[name] = (bench_ms(fwd, device, reps), bench_ms(fwd_bwd, device, reps))
+    if device.type == "cuda" and "fused" in variants:
+        replay = graphed_fwd_bwd(variants["fused"], emb, protos, queue, valid)
+        results["fused_graph"] = (float("nan"), bench_ms(replay, device, reps))
     nbytes = score_bytes(batch, n_protos, n_crops, q_len)
     floor_ms = nbytes / (bandwidth_gbs * 1e9) * 1e3 if bandwidth_gbs else float("nan")
     for name, (ms_fwd, ms_fb) in results.items():
         row = dict(variant=name, shape=shape, ms_fwd=ms_fwd, ms_fwd_bwd=ms_fb,
                    gbs=nbytes / (ms_fb * 1e-3) / 1e9, x_floor=ms_fb / floor_ms)
-        writer.add(name, shape, "ms_fwd", ms_fwd, "ms")
+        if ms_fwd == ms_fwd:  # not NaN
+            writer.add(name, shape, "ms_fwd", ms_fwd, "ms")
         writer.add(name, shape, "ms_fwd_bwd", ms_fb, "ms")
         for base in ("eager", "compiled"):
-            if base in results and name == "fused":
+            if base in results and name.startswith("fused"):
                 speed = results[base][1] / ms_fb
                 row[f"vs_{base}"] = speed
                 writer.add(name, shape, f"speedup_vs_{base}", speed, "x")
-                writer.add(name, shape, f"speedup_vs_{base}_fwd", results[base][0] / ms_fwd, "x")
+                if ms_fwd == ms_fwd:
+                    writer.add(name, shape, f"speedup_vs_{base}_fwd", results[base][0] / ms_fwd, "x")
         table.append(row)
+    return emb, protos, queue, valid
+
+
+def _card_for(name: str) -> dict:
+    """Roofline constants of the card torch names (H200, else H100 SXM figures)."""
+    return CARDS["H200"] if "H200" in name else CARDS["H100 SXM"]
+
+
+def _kernel_group(name: str) -> str:
+    for known in ("_scores_kernel", "_pass_kernel", "_row_sums_kernel", "_col_sums_kernel",
+                  "_swapped_ce_fwd_kernel", "_swapped_ce_bwd_kernel"):
+        if known in name:
+            return known
+    return "other (cuBLAS gemms, torch ops)"
+
+
+def profile_kernels(fn, emb, protos, queue, valid, steps=20):
+    """Device microseconds per fwd+bwd of each kernel group, from the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def fwd_bwd():
+        emb.grad = protos.grad = None
+        fn(emb, protos, queue, valid).backward()
+
+    fwd_bwd()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fwd_bwd()
+        torch.cuda.synchronize()
+    per_group: dict = {}
+    for evt in prof.key_averages():
+        total = getattr(evt, "device_time_total", None)
+        if total is None:
+            total = getattr(evt, "cuda_time_total", 0.0)
+        if not total or evt.key.startswith("ProfilerStep"):
+            continue
+        group = _kernel_group(evt.key)
+        per_group[group] = per_group.get(group, 0.0) + total / steps
+    return per_group
+
+
+def kernel_table(fn, emb, protos, queue, valid, *, batch, n_protos, dim, n_crops, q_len,
+                 card_name, writer):
+    """Measured vs predicted time of each kernel of the fused fwd+bwd at one shape."""
+    measured = profile_kernels(fn, emb, protos, queue, valid)
+    card = _card_for(card_name)
+    predicted: dict = {}
+    for lc in loss_launches(batch=batch, n_protos=n_protos, dim=dim, n_crops=n_crops,
+                            queue_len=q_len):
+        group = _kernel_group(lc.kernel)
+        predicted[group] = predicted.get(group, 0.0) + lc.count * lc.seconds(card) * 1e6
+    shape = shape_key(B=batch, K=n_protos, D=dim, crops=n_crops, queue=q_len)
+    print(f"\nfused fwd+bwd by kernel at {shape} (us per step; roofline for {card_name})")
+    print(f"{'kernel':34s} {'measured':>9s} {'predicted':>9s} {'ratio':>6s}")
+    for group in sorted(set(measured) | set(predicted)):
+        got, want = measured.get(group, 0.0), predicted.get(group, 0.0)
+        ratio = got / want if want else float("nan")
+        print(f"{group:34s} {got:9.1f} {want:9.1f} {ratio:6.2f}")
+        writer.add(f"fused:{group}", shape, "us_measured", got, "us")
+        writer.add(f"fused:{group}", shape, "us_predicted", want, "us")
+    print(f"{'total':34s} {sum(measured.values()):9.1f} {sum(predicted.values()):9.1f}")
 
 
 def print_table(table, bandwidth_gbs):
-    head = (f"{'variant':9s} {'shape':40s} {'ms fwd':>9s} {'ms f+b':>9s} {'vs eager':>9s} "
+    head = (f"{'variant':11s} {'shape':40s} {'ms fwd':>9s} {'ms f+b':>9s} {'vs eager':>9s} "
             f"{'vs comp':>8s} {'GB/s':>8s} {'x floor':>8s}")
     print(head)
     print("-" * len(head))
     for r in table:
         ve = f"{r['vs_eager']:.2f}x" if "vs_eager" in r else ""
         vc = f"{r['vs_compiled']:.2f}x" if "vs_compiled" in r else ""
-        print(f"{r['variant']:9s} {r['shape']:40s} {r['ms_fwd']:9.3f} {r['ms_fwd_bwd']:9.3f} "
+        print(f"{r['variant']:11s} {r['shape']:40s} {r['ms_fwd']:9.3f} {r['ms_fwd_bwd']:9.3f} "
               f"{ve:>9s} {vc:>8s} {r['gbs']:8.1f} {r['x_floor']:8.1f}")
     print(f"GB/s: fp32 scores of batch + queue read once per fwd+bwd time; card bandwidth "
           f"{bandwidth_gbs or 'unknown'} GB/s; 'x floor' = fwd+bwd time / that read time.")
@@ -217,6 +294,9 @@ def main(argv=None):
     def fused(e, c, q, v):
         return swav_loss_fused(e, c, n_crops=n_crops, queue=q, queue_valid=v)
 
+    def fused_exact(e, c, q, v):
+        return swav_loss_fused(e, c, n_crops=n_crops, queue=q, queue_valid=v, precision="ieee")
+
     def eager(e, c, q, v):
         return official_loss(e, c, q, n_crops=n_crops)
 
@@ -225,7 +305,7 @@ def main(argv=None):
     def compiled(e, c, q, v):
         return compiled_loss(e, c, q, n_crops=n_crops)
 
-    variants = {"eager": eager, "fused": fused}
+    variants = {"eager": eager, "fused": fused, "fused_exact": fused_exact}
     if device.type == "cuda" or args.compile:
         variants["compiled"] = compiled
 
@@ -234,19 +314,27 @@ def main(argv=None):
         n_crops, dim = 4, 32
         configs = [(8, 96, 0), (8, 96, 40)]
     else:
-        configs = [(b, 3000, q) for b in (64, 256) for q in (0, 3840)]
+        configs = [(b, 3000, q) for b in (256, 64) for q in (3840, 0)]
         if not args.no_sweep:
             configs += [(256, k, 3840) for k in (1000, 10000, 30000)]
             configs += [(b, 3000, 0) for b in (32, 128, 512)]
     writer = ResultWriter("bench_loss", device)
-    table = []
-    print(f"device: {name}; torch {torch.__version__}")
-    for batch, n_protos, q_len in configs:
-        run_config(variants, batch, n_protos, dim, n_crops, q_len, device, args.reps, bandwidth,
-                   writer, table)
-    print_table(table, bandwidth)
-    if device.type == "cuda" or args.write_cpu:
-        print(f"rows appended to {writer.write()}")
+    write = device.type == "cuda" or args.write_cpu
+    print(f"device: {name}; torch {torch.__version__}", flush=True)
+    for i, (batch, n_protos, q_len) in enumerate(configs):
+        table = []
+        inputs = run_config(variants, batch, n_protos, dim, n_crops, q_len, device, args.reps,
+                            bandwidth, writer, table)
+        print_table(table, bandwidth)
+        if device.type == "cuda" and i < 4:  # the official shapes, kernel by kernel
+            kernel_table(fused, *inputs, batch=batch, n_protos=n_protos, dim=dim,
+                         n_crops=n_crops, q_len=q_len, card_name=name, writer=writer)
+        if write:
+            writer.write()
+            writer.rows.clear()
+        sys.stdout.flush()
+    if write:
+        print(f"rows appended to benchmarks/results/bench_loss.csv")
     else:
         print("CPU smoke run: interpreter timings, not written to benchmarks/results "
               "(use --write-cpu to record them labelled with the CPU).")

@@ -10,6 +10,12 @@ region with static shapes. The multi-crop forward unrolls into one trunk call pe
 resolution group inside that graph, so each group is compiled for its own fixed shape; the
 fused loss is a custom op and stays in the graph. Backward comes from AOTAutograd; the
 optimizer is a handful of foreach kernels and stays eager.
+
+``reduce-overhead`` also replays the compiled forward and backward as CUDA graphs: the fused
+loss and the queue push run inside them (neither syncs with the host nor copies from it,
+and the queue's buffers are marked as static addresses so that its in-place update is
+captured rather than making the graph fall back). Each call marks a new step for the graph
+trees and returns copies of the loss and embeddings, so they outlive the next replay.
 """
 from __future__ import annotations
 
@@ -63,7 +69,17 @@ class TrainStep:
             loss = self.criterion(embeddings, prototypes, queue)
         return loss, embeddings
 
+    def _prepare_cuda_graphs(self, queue) -> None:
+        if queue is not None and not getattr(queue, "_static_for_graphs", False):
+            for buffer in queue.buffers():
+                torch._dynamo.mark_static_address(buffer)
+            queue._static_for_graphs = True
+        torch.compiler.cudagraph_mark_step_begin()
+
     def __call__(self, crops: List[torch.Tensor], queue, lr: float, freeze_prototypes: bool):
+        graphs = self.compile_mode == "reduce-overhead"
+        if graphs:
+            self._prepare_cuda_graphs(queue)
         prototypes = unwrap(self.model).prototypes.weight
         normalize_prototypes_(prototypes)
         set_lr(self.optimizer, lr)
@@ -77,4 +93,6 @@ class TrainStep:
             prototypes.grad = None  # the official freeze: no update, no momentum, no decay
         with nvtx_range("optimizer"):
             self.optimizer.step()
+        if graphs:  # graph outputs are overwritten by the next replay
+            return loss.detach().clone(), embeddings.detach().clone()
         return loss.detach(), embeddings.detach()

@@ -29,6 +29,7 @@ class LossTiles:
     scores: Tile        # score matmul + epilogue statistics; grid (rows, K, groups)
     score_d: int        # BLOCK_D of the score matmul
     row_sums: Tile      # Sinkhorn sample sums; grid (rows, K, slots)
+    last_row_sums: Tile  # the last sample sums, of the batch rows only
     col_sums: Tile      # Sinkhorn prototype sums; grid (row chunks, K, slots)
     col_rows_per_program: int
     one_launch_rounds: bool  # Sinkhorn rounds in one launch (sinkhorn_pass) with pass_tile
@@ -60,23 +61,28 @@ def loss_tiles(gpu: bool, *, batch: int, n_protos: int, dim: int, n_crops: int,
     """Tiles of the fused SwAV loss at one shape (``gpu``: compiled for a GPU).
 
     ``precision="ieee"`` multiplies on the FMA pipes, whose 64 x 64 float32 tile spilled:
-    it takes 32-row tiles and a shorter step over D.
+    it takes 32-row tiles and a shorter step over D; ``"tf32x3"`` the shorter step.
     """
     if not gpu:
         small = Tile(16, 32)
         # the interpreter covers both Sinkhorn schemes: one launch a round with a queue
         return LossTiles(scores=small, score_d=min(128, triton.next_power_of_2(max(dim, 16))),
-                         row_sums=small, col_sums=small, col_rows_per_program=32,
+                         row_sums=small, last_row_sums=small, col_sums=small,
+                         col_rows_per_program=32,
                          one_launch_rounds=queue_len > 0, pass_tile=small,
                          ce_forward=small, ce_backward=small)
     if precision == "ieee":
         score_d = min(32, triton.next_power_of_2(max(dim, 16)))
         scores = _fit(batch, n_protos, n_crops, Tile(32, 64, 4), smallest_rows=32)
+    elif precision == "tf32x3":  # three products in flight: spilled at BLOCK_D 64 on sm_80
+        score_d = min(32, triton.next_power_of_2(max(dim, 16)))
+        scores = _fit(batch, n_protos, n_crops, Tile(64, 64, 4), smallest_rows=64)
     else:
         score_d = min(64, triton.next_power_of_2(max(dim, 16)))
         scores = _fit(batch, n_protos, n_crops, Tile(64, 64, 4), smallest_rows=64)
     seg_rows = queue_len + batch  # rows of one Sinkhorn segment (queue, then batch)
     row_sums = _fit(seg_rows, n_protos, n_assign, Tile(32, 128, 4))
+    last_row_sums = _fit(batch, n_protos, n_assign, Tile(32, 128, 4))
     col_sums = Tile(16, 128, 4)
     # Prototype sums reduce over rows: each program walks a chunk of rows, as few chunks
     # as fill the card (fewer partial sums to add afterwards).
@@ -86,9 +92,11 @@ def loss_tiles(gpu: bool, *, batch: int, n_protos: int, dim: int, n_crops: int,
     # parallelises over row blocks: worth it when those alone fill the card.
     pass_tile = Tile(16, 128, 4)
     one_launch = triton.cdiv(seg_rows, pass_tile.rows) * n_assign >= MIN_PROGRAMS
-    ce_forward = _fit(batch, n_protos, 1, Tile(32, 128, 4))
-    ce_backward = _fit(batch, n_protos, 1, Tile(32, 128, 4))
-    return LossTiles(scores=scores, score_d=score_d, row_sums=row_sums, col_sums=col_sums,
+    # These hold a tile of every crop in flight: 32 x 128 spilled at 8 crops (sm_90).
+    ce_forward = _fit(batch, n_protos, 1, Tile(16, 128, 4))
+    ce_backward = _fit(batch, n_protos, 1, Tile(16, 128, 4))
+    return LossTiles(scores=scores, score_d=score_d, row_sums=row_sums,
+                     last_row_sums=last_row_sums, col_sums=col_sums,
                      col_rows_per_program=max(col_sums.rows, chunk),
                      one_launch_rounds=one_launch, pass_tile=pass_tile, ce_forward=ce_forward,
                      ce_backward=ce_backward)

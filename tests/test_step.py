@@ -148,3 +148,29 @@ def test_step_leaves_the_callers_crops_alone():
     before = copy.deepcopy(crops)
     TrainStep(model, SwAVLoss(n_crops=5), optimizer)(crops, None, lr=0.1, freeze_prototypes=False)
     assert all(torch.equal(a, b) for a, b in zip(crops, before))
+
+
+@pytest.mark.cuda
+def test_reduce_overhead_step_runs_in_cuda_graphs_with_the_fused_loss_and_queue():
+    """--compile=reduce-overhead: same training as eager, the fused loss and the queue push
+    inside the graphs (no cudagraph skip: a host sync or copy in the step would cause one)."""
+    from torch._dynamo.utils import counters
+
+    def run(mode):
+        torch.manual_seed(0)
+        model = SwAVModel("resnet18", hidden_dim=16, out_dim=8, n_prototypes=7,
+                          small_images=True, width=4).cuda()
+        optimizer = LARS(lars_param_groups(model, True), lr=0.1, weight_decay=1e-4)
+        step = TrainStep(model, SwAVLoss(n_crops=5, crops_for_assign=(0, 1)), optimizer,
+                         compile_mode=mode)
+        queue = FeatureQueue(2, 12, 8, device="cuda")
+        losses = [step([c.cuda() for c in _crops(seed=i)], queue, lr=0.1, freeze_prototypes=False)[0]
+                  for i in range(5)]
+        return torch.stack(losses).cpu(), queue.embeddings.cpu()
+
+    counters.clear()
+    graphed = run("reduce-overhead")
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    eager = run("none")
+    assert torch.allclose(graphed[0], eager[0], rtol=1e-3, atol=1e-4)
+    assert torch.allclose(graphed[1], eager[1], atol=1e-3)

@@ -239,9 +239,10 @@ def sinkhorn_and_loss(scores, lse, colmax, colsum, queue_scores, valid, *, n_cro
             r = all_reduce_(r, group=group)  # the multi-GPU hook
             u = 1.0 / (n_protos * r.clamp_min(tiny))
         # The last sample normalisation, of the batch rows only: each code row sums to 1.
+        last = tiles.last_row_sums
         c = sinkhorn_row_sums(scores, queue_scores, assign, valid, global_max, u,
-                              row_offset=q_len, block_r=rows_tile.rows, block_k=rows_tile.cols,
-                              num_warps=rows_tile.warps, **segment).sum(dim=1)
+                              row_offset=q_len, block_r=last.rows, block_k=last.cols,
+                              num_warps=last.warps, **segment).sum(dim=1)
         row_scale = 1.0 / c.clamp_min(tiny)
 
     ce = tiles.ce_forward

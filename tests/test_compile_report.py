@@ -1,0 +1,92 @@
+"""What the compiler makes of every fused-loss launch for sm_80 and sm_90, without a GPU.
+
+Runs ``python -m fastswav.kernels.compile_report --json`` (a fresh process: kernels imported
+under TRITON_INTERPRET=1 cannot be compiled) for both targets at once and fails on a compile
+error, a spill, fewer than 2 blocks per SM, a launch at B >= 64 with fewer programs than an
+H100 has SMs, or the training path's score matmul without tensor-core instructions. The
+quick test covers the training dtypes (bf16 embeddings, fp32 prototypes) at every official
+shape, the demo's and the speedrun's; the slow one every dtype mix and precision.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+H100_SMS = 132
+
+
+def _tools_present() -> bool:
+    from fastswav.kernels.compile_report import tools_present
+
+    return tools_present()
+
+
+def _reports(case_filter):
+    """{arch: [launch dicts]}, both archs compiled in parallel processes."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = {}
+    for arch in (80, 90):
+        cmd = [sys.executable, "-m", "fastswav.kernels.compile_report", "--arch", str(arch), "--json"]
+        if case_filter:
+            cmd += ["--case", case_filter]
+        procs[arch] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+    out = {}
+    for arch, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=1500)
+        launches = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+        assert launches, f"sm_{arch}: no launches reported\n{stderr[-3000:]}"
+        out[arch] = launches
+    return out
+
+
+def _check(reports):
+    problems = []
+    for arch, launches in reports.items():
+        for r in launches:
+            where = f"sm_{arch} {r['kernel']} [{r['case']}] grid={r['grid']}"
+            if not r["ok"]:
+                problems.append(f"{where}: compile error {r['error'][:300]}")
+                continue
+            if r["spill_bytes"]:
+                problems.append(f"{where}: {r['spill_bytes']} spill bytes (regs {r['regs']})")
+            if r["blocks_per_sm"] < 2:
+                problems.append(f"{where}: {r['blocks_per_sm']} block per SM "
+                                f"(regs {r['regs']}, smem {r['shared_bytes']})")
+            official = r["case"].startswith("official")
+            if official and r["programs"] < H100_SMS:
+                problems.append(f"{where}: {r['programs']} programs < {H100_SMS} SMs")
+            if r["kernel"] == "_scores_kernel" and r["training_path"] and not r["tensor_cores"]:
+                problems.append(f"{where}: training-path score matmul without tensor cores")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def tools():
+    if not _tools_present():
+        pytest.skip("Triton's bundled ptxas/cuobjdump are absent: cannot compile for a GPU here")
+
+
+def test_training_path_compiles_without_spills_on_tensor_cores(tools):
+    reports = _reports("bf16/fp32 tf32")
+    for arch, launches in reports.items():
+        kernels = {r["kernel"] for r in launches}
+        assert {"_scores_kernel", "_row_sums_kernel", "_swapped_ce_fwd_kernel",
+                "_swapped_ce_bwd_kernel"} <= kernels, (arch, kernels)
+        # the official B=256 / queue 3840 case takes one launch per Sinkhorn round
+        assert any(r["kernel"] == "_pass_kernel" for r in launches)
+        scores = [r for r in launches if r["kernel"] == "_scores_kernel"]
+        want = "wgmma" if arch == 90 else "mma"
+        assert all(r["tensor_core_instr"] == want for r in scores), (arch, scores)
+    assert _check(reports) == []
+
+
+@pytest.mark.slow
+def test_every_dtype_mix_and_precision_compiles_without_spills(tools):
+    assert _check(_reports(None)) == []
