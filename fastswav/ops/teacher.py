@@ -67,6 +67,8 @@ def sinkhorn_knopp_reference(logits, temperature, iterations=3, group=None, n_va
     """The PyTorch reference of :func:`sinkhorn_knopp` (float32; float64 stays float64)."""
     _check_teacher_args(logits, temperature, iterations, n_valid)
     valid = _valid_rows(logits.shape[0], n_valid, logits.device)
+    if valid is not None:  # padded rows may hold anything (inf, NaN): keep it out of 0 * x
+        logits = torch.where(valid[:, None], logits, torch.zeros_like(logits))
     return _sinkhorn_reference(logits, epsilon=temperature, n_iters=iterations,
                                sample_weight=valid, group=group)
 
