@@ -413,3 +413,20 @@ def test_fused_teacher_ops_cuda(dtype, batch):
         out += [loss.detach(), s.grad]
     assert torch.allclose(got[0], want[0], rtol=1e-4)
     assert _max_rel(got[1], want[1]) <= max(GRAD_RTOL[dtype], 2e-4)
+
+
+# ------------------------------------------------------------------ example
+
+def test_dino_style_example_runs():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "dino_style_loop.py"
+    done = subprocess.run([sys.executable, str(example), "--steps", "2", "--batch-size", "4",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = [float(v) for v in re.findall(r"^step \d+ loss ([0-9.]+)", done.stdout, re.MULTILINE)]
+    assert len(losses) == 2 and all(0 < v < 50 for v in losses), done.stdout
+    assert done.stdout.strip().endswith("done")
