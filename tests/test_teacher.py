@@ -417,6 +417,7 @@ def test_fused_teacher_ops_cuda(dtype, batch):
 
 # ------------------------------------------------------------------ example
 
+@pytest.mark.slow  # ~15-40 s on 2 cores: a subprocess importing torchvision, 2 CPU steps
 def test_dino_style_example_runs():
     import re
     import subprocess
