@@ -1,17 +1,20 @@
 """DINO-style teacher: Sinkhorn-Knopp targets in scaling form, and the teacher-student
 cross-entropy with its gradient, as Triton kernels and their launchers.
 
-Sinkhorn-Knopp (the DINOv2 / iBOT teacher): the targets are
-T[b, k] = P[b, k] * u_k * w_b with P[b, k] = exp((x[b, k] - m_k) / temperature), m_k the
-per-prototype max over every valid row of every process. Only the prototype vector u ([K])
-and the sample vector w ([rows]) are iterated; P is recomputed from the logits on every pass
-and never stored. Passes (each one read of the logits, all sums in float32):
+Sinkhorn-Knopp (the DINOv2 / iBOT teacher), in the log domain: the targets are
+T[b, k] = exp((x[b, k] - m_k) / temperature + log u_k + log w_b), m_k the per-prototype max
+over every valid row of every process. Only log u ([K]) and log w ([rows]) are iterated;
+the exponentials are recomputed from the logits on every pass and never stored, and every
+sum is an online log-sum-exp (running max and sum of exp, float32), so neither a sharp
+temperature nor a sample far below every prototype's max overflows or underflows a sum.
+Passes (each one read of the logits):
 
-- ``colsum`` with FIRST: per-prototype online max and sum of exp over a chunk of rows
-  (partials ``[row_splits, K]``, combined and all_reduced by the caller);
-- ``colsum``: sum_b P[b, k] w_b over a chunk of rows, with the global max;
-- ``rowsum``: c_b = sum_k P[b, k] u_k over a chunk of prototypes (partials ``[k_splits, rows]``);
-- ``finalize``: writes T = P * u * w (float32).
+- ``colsum`` with FIRST: per-prototype max of x and sum of exp((x - max) / T) over a chunk
+  of rows (partials ``[row_splits, K]``, combined and all_reduced by the caller);
+- ``colsum``: log-sum-exp over the rows of y = (x - m_k) / T + log w_b;
+- ``rowsum``: log-sum-exp over a chunk of prototypes of (x - m_k) / T + log u_k
+  (partials ``[k_splits, rows]``);
+- ``finalize``: writes T (float32).
 
 Rows at or beyond ``n_valid`` (a device scalar: the patch form's padded rows) are masked
 out of every pass and get zero targets. No launch reads a value back to the host.
@@ -81,11 +84,13 @@ def _row_limit(n_valid_ptr, n_rows, HAS_VALID: tl.constexpr):
 
 @triton.jit
 def _sk_colsum_kernel(
-    x_ptr, n_valid_ptr, colmax_ptr, w_ptr, max_part_ptr, sum_part_ptr,
+    x_ptr, n_valid_ptr, colmax_ptr, logw_ptr, max_part_ptr, sum_part_ptr,
     n_rows, K, inv_temp, rows_per_prog,
     HAS_VALID: tl.constexpr, FIRST: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """Online log-sum-exp down each column over a chunk of rows: FIRST of x / T (the max
+    kept in logit units), else of y = (x - m_k) / T + log w_b."""
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -93,46 +98,48 @@ def _sk_colsum_kernel(
     limit = _row_limit(n_valid_ptr, n_rows, HAS_VALID)
     r0 = pid_r * rows_per_prog
     acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    if FIRST:
-        m = tl.full((BLOCK_K,), float("-inf"), tl.float32)
-    else:
+    top = tl.full((BLOCK_K,), float("-inf"), tl.float32)
+    if not FIRST:
         m = tl.load(colmax_ptr + cols, mask=col_mask, other=0.0)
     for r in range(r0, r0 + rows_per_prog, BLOCK_R):
         rows = r + tl.arange(0, BLOCK_R)
         row_mask = rows < limit
         mask = row_mask[:, None] & col_mask[None, :]
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=mask,
-                    other=float("-inf")).to(tl.float32)
+                    other=0.0).to(tl.float32)
         if FIRST:
-            # online max and sum of exp((x - max) / temperature) down the column
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp((x - m_safe[None, :]) * inv_temp)
-            acc = acc * tl.exp((m - m_safe) * inv_temp) + tl.sum(p, axis=0)
-            m = m_new
+            y = tl.where(mask, x, float("-inf"))
+            scale = inv_temp
         else:
-            w = tl.load(w_ptr + rows, mask=row_mask, other=0.0)
-            p = tl.where(mask, tl.exp((x - m[None, :]) * inv_temp), 0.0)
-            acc += tl.sum(p * w[:, None], axis=0)
+            logw = tl.load(logw_ptr + rows, mask=row_mask, other=float("-inf"))
+            y = tl.where(mask, (x - m[None, :]) * inv_temp + logw[:, None], float("-inf"))
+            scale = 1.0
+        top_new = tl.maximum(top, tl.max(y, axis=0))
+        safe = tl.where(top_new == float("-inf"), 0.0, top_new)
+        acc = (acc * tl.exp((top - safe) * scale)
+               + tl.sum(tl.exp((y - safe[None, :]) * scale), axis=0))
+        top = top_new
     out = pid_r.to(tl.int64) * K + cols
-    if FIRST:
-        tl.store(max_part_ptr + out, m, mask=col_mask)
+    tl.store(max_part_ptr + out, top, mask=col_mask)
     tl.store(sum_part_ptr + out, acc, mask=col_mask)
 
 
 @triton.jit
 def _sk_rowsum_kernel(
-    x_ptr, n_valid_ptr, colmax_ptr, u_ptr, c_part_ptr,
+    x_ptr, n_valid_ptr, colmax_ptr, logu_ptr, max_part_ptr, sum_part_ptr,
     n_rows, K, inv_temp, cols_per_prog,
     HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """Online log-sum-exp along each row over a chunk of prototypes of
+    y = (x - m_k) / T + log u_k (-inf for invalid rows)."""
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     limit = _row_limit(n_valid_ptr, n_rows, HAS_VALID)
     row_mask = rows < limit
     row_ptrs = x_ptr + rows.to(tl.int64)[:, None] * K
-    c = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    top = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     k0 = pid_k * cols_per_prog
     for k in range(k0, k0 + cols_per_prog, BLOCK_K):
         cols = k + tl.arange(0, BLOCK_K)
@@ -140,15 +147,20 @@ def _sk_rowsum_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         x = tl.load(row_ptrs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         m = tl.load(colmax_ptr + cols, mask=col_mask, other=0.0)
-        u = tl.load(u_ptr + cols, mask=col_mask, other=0.0)
-        p = tl.where(mask, tl.exp((x - m[None, :]) * inv_temp), 0.0)
-        c += tl.sum(p * u[None, :], axis=1)
-    tl.store(c_part_ptr + pid_k.to(tl.int64) * n_rows + rows, c, mask=rows < n_rows)
+        logu = tl.load(logu_ptr + cols, mask=col_mask, other=0.0)
+        y = tl.where(mask, (x - m[None, :]) * inv_temp + logu[None, :], float("-inf"))
+        top_new = tl.maximum(top, tl.max(y, axis=1))
+        safe = tl.where(top_new == float("-inf"), 0.0, top_new)
+        acc = acc * tl.exp(top - safe) + tl.sum(tl.exp(y - safe[:, None]), axis=1)
+        top = top_new
+    out = pid_k.to(tl.int64) * n_rows + rows
+    tl.store(max_part_ptr + out, top, mask=rows < n_rows)
+    tl.store(sum_part_ptr + out, acc, mask=rows < n_rows)
 
 
 @triton.jit
 def _sk_finalize_kernel(
-    x_ptr, n_valid_ptr, colmax_ptr, u_ptr, w_ptr, out_ptr,
+    x_ptr, n_valid_ptr, colmax_ptr, logu_ptr, logw_ptr, out_ptr,
     n_rows, K, inv_temp,
     HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -162,9 +174,11 @@ def _sk_finalize_kernel(
     offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
     x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     m = tl.load(colmax_ptr + cols, mask=col_mask, other=0.0)
-    u = tl.load(u_ptr + cols, mask=col_mask, other=0.0)
-    w = tl.load(w_ptr + rows, mask=rows < limit, other=0.0)
-    t = tl.where(valid, tl.exp((x - m[None, :]) * inv_temp) * u[None, :] * w[:, None], 0.0)
+    logu = tl.load(logu_ptr + cols, mask=col_mask, other=0.0)
+    logw = tl.load(logw_ptr + rows, mask=rows < limit, other=0.0)
+    y = tl.where(valid, (x - m[None, :]) * inv_temp + logu[None, :] + logw[:, None],
+                 float("-inf"))
+    t = tl.exp(y)
     tl.store(out_ptr + offs, t, mask=(rows < n_rows)[:, None] & col_mask[None, :])
 
 
@@ -172,30 +186,30 @@ def _valid_arg(x: torch.Tensor, n_valid):
     return (n_valid, True) if n_valid is not None else (x, False)
 
 
-def sk_colsum(x, n_valid, temperature, *, colmax=None, weights=None, cfg=None):
-    """Per-prototype partial sums over row chunks.
+def sk_colsum(x, n_valid, temperature, *, colmax=None, logw=None, cfg=None):
+    """Per-prototype partial log-sum-exp over row chunks.
 
     Args:
         x: ``[rows, K]`` logits (contiguous, any float dtype).
         n_valid: int 0-dim device tensor (rows at or past it take no part) or None.
-        colmax: None for the first pass (then the online per-prototype max is computed and
-            returned), else the ``[K]`` float32 global max.
-        weights: ``[rows]`` float32 sample scaling w (with ``colmax``).
+        colmax: None for the first pass, else the ``[K]`` float32 global max of the logits.
+        logw: with ``colmax``: ``[rows]`` float32 log of the sample scaling w.
 
     Returns:
-        ``(max_part, sum_part)``, each ``[row_splits, K]`` float32 (``max_part`` is None
-        when ``colmax`` was given): sum of exp((x - max) / temperature) (times w).
+        ``(max_part, sum_part)``, each ``[row_splits, K]`` float32. First pass: the max of
+        the logits and the sum of exp((x - max) / T); else the max a of
+        y = (x - m) / T + log w and the sum of exp(y - a).
     """
     n_rows, n_cols = x.shape
     cfg = cfg or tiles(n_rows, n_cols, targets_gpu(x))
     first = colmax is None
     sum_part = torch.empty((cfg["row_splits"], n_cols), device=x.device, dtype=torch.float32)
-    max_part = torch.empty_like(sum_part) if first else None
+    max_part = torch.empty_like(sum_part)
     nv, has_valid = _valid_arg(x, n_valid)
     with device_guard(x):
         _sk_colsum_kernel[(cfg["row_splits"], cfg["n_kb"])](
-            x, nv, sum_part if first else colmax, sum_part if first else weights,
-            max_part if first else sum_part, sum_part,
+            x, nv, sum_part if first else colmax, sum_part if first else logw,
+            max_part, sum_part,
             n_rows, n_cols, 1.0 / temperature, cfg["row_tiles"] * cfg["block_r"],
             HAS_VALID=has_valid, FIRST=first, BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"],
             num_warps=cfg["warps"],
@@ -203,31 +217,34 @@ def sk_colsum(x, n_valid, temperature, *, colmax=None, weights=None, cfg=None):
     return max_part, sum_part
 
 
-def sk_rowsum(x, n_valid, temperature, colmax, u, *, cfg=None):
-    """``[k_splits, rows]`` float32 partials of c_b = sum_k P[b, k] u_k (0 for invalid rows)."""
+def sk_rowsum(x, n_valid, temperature, colmax, logu, *, cfg=None):
+    """``(max_part, sum_part)``, each ``[k_splits, rows]`` float32: partial log-sum-exp of
+    y = (x - m_k) / T + log u_k along the rows (max -inf and sum 0 for invalid rows)."""
     n_rows, n_cols = x.shape
     cfg = cfg or tiles(n_rows, n_cols, targets_gpu(x))
-    c_part = torch.empty((cfg["k_splits"], n_rows), device=x.device, dtype=torch.float32)
+    max_part = torch.empty((cfg["k_splits"], n_rows), device=x.device, dtype=torch.float32)
+    sum_part = torch.empty_like(max_part)
     nv, has_valid = _valid_arg(x, n_valid)
     with device_guard(x):
         _sk_rowsum_kernel[(cfg["n_rb"], cfg["k_splits"])](
-            x, nv, colmax, u, c_part, n_rows, n_cols, 1.0 / temperature,
+            x, nv, colmax, logu, max_part, sum_part, n_rows, n_cols, 1.0 / temperature,
             cfg["k_tiles"] * cfg["block_k"],
             HAS_VALID=has_valid, BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"],
             num_warps=cfg["warps"],
         )
-    return c_part
+    return max_part, sum_part
 
 
-def sk_finalize(x, n_valid, temperature, colmax, u, w, *, cfg=None):
-    """The targets ``[rows, K]`` float32: P * u * w, zero on invalid rows."""
+def sk_finalize(x, n_valid, temperature, colmax, logu, logw, *, cfg=None):
+    """The targets ``[rows, K]`` float32: exp((x - m) / T + log u + log w), zero on invalid
+    rows."""
     n_rows, n_cols = x.shape
     cfg = cfg or tiles(n_rows, n_cols, targets_gpu(x))
     out = torch.empty((n_rows, n_cols), device=x.device, dtype=torch.float32)
     nv, has_valid = _valid_arg(x, n_valid)
     with device_guard(x):
         _sk_finalize_kernel[(cfg["n_rb"], cfg["n_kb"])](
-            x, nv, colmax, u, w, out, n_rows, n_cols, 1.0 / temperature,
+            x, nv, colmax, logu, logw, out, n_rows, n_cols, 1.0 / temperature,
             HAS_VALID=has_valid, BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"],
             num_warps=cfg["warps"],
         )
@@ -388,14 +405,14 @@ def _sinkhorn_launches(x, n_valid, temperature=0.07, iterations=3):
     n_rows, n_cols = x.shape
     f32 = dict(device=x.device, dtype=torch.float32)
     colmax = torch.empty(n_cols, **f32)
-    u = torch.empty(n_cols, **f32)
-    w = torch.empty(n_rows, **f32)
+    logu = torch.empty(n_cols, **f32)
+    logw = torch.empty(n_rows, **f32)
     sk_colsum(x, n_valid, temperature)
     for _ in range(iterations - 1):
-        sk_rowsum(x, n_valid, temperature, colmax, u)
-        sk_colsum(x, n_valid, temperature, colmax=colmax, weights=w)
-    sk_rowsum(x, n_valid, temperature, colmax, u)
-    sk_finalize(x, n_valid, temperature, colmax, u, w)
+        sk_rowsum(x, n_valid, temperature, colmax, logu)
+        sk_colsum(x, n_valid, temperature, colmax=colmax, logw=logw)
+    sk_rowsum(x, n_valid, temperature, colmax, logu)
+    sk_finalize(x, n_valid, temperature, colmax, logu, logw)
 
 
 def compile_cases():

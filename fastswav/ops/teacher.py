@@ -6,11 +6,13 @@ Sinkhorn-Knopp teacher (DINOv2 ``sinkhorn_knopp_teacher``; iBOT's patch form wit
 mass 1 over all processes; then ``iterations`` times scale each prototype row to mass 1/K
 (row sums all_reduced) and each sample column to mass 1/N_total, where N_total is the sample
 count over all processes; finally scale columns to sum to 1 and return Q^T ([N, K]). It is
-the same algorithm as SwAV's Sinkhorn (with epsilon = temperature), so the reference is
-:func:`fastswav.ops.sinkhorn.sinkhorn_knopp`: upcast to float32, a per-prototype max over all
-processes subtracted before exp (exact: the scalar first normalisation and the first row
-normalisation cancel it; one global max when ``iterations == 0``), so no temperature
-overflows. In the patch form only the first ``n_valid`` rows of each process are samples
+the same algorithm as SwAV's Sinkhorn (epsilon = temperature). Here it runs in the log
+domain on scaling vectors: Q^T[b, k] = exp((x[b, k] - m_k) / temperature + log u_k + log w_b)
+with m_k the per-prototype max over all processes (exact: the scalar first normalisation
+and the first prototype normalisation cancel it; one global max when ``iterations == 0``),
+and every sum an online log-sum-exp, so no temperature overflows a sum or empties a row. The
+reference (:func:`sinkhorn_knopp_reference`, PyTorch) and the fused kernels compute the same
+iterations. In the patch form only the first ``n_valid`` rows of each process are samples
 (a device tensor, summed over processes); the padded rows take no part and get zero targets
 (DINOv2 itself lets its padded rows into the sums; here they are excluded, on purpose).
 
@@ -28,6 +30,7 @@ keeps them inside its graph. The fused path never reads a value back to the host
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -36,9 +39,10 @@ import torch.nn.functional as F
 
 from .backend import loss_backend
 from .fused_loss import _group, _group_key
-from .sinkhorn import all_reduce_, sinkhorn_knopp as _sinkhorn_reference
+from .sinkhorn import accumulation_dtype, all_reduce_
 
 _TINY = torch.finfo(torch.float32).tiny
+_LOG_TINY = math.log(_TINY)  # a prototype no valid sample reaches: log of the clamp
 
 
 def _valid_rows(n_rows: int, n_valid: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
@@ -62,15 +66,83 @@ def _check_teacher_args(logits, temperature, iterations, n_valid):
 
 # ------------------------------------------------------------------ Sinkhorn-Knopp teacher
 
+def _dist_max(t, group):
+    return all_reduce_(t, op=dist.ReduceOp.MAX if dist.is_available() else None, group=group)
+
+
+def _finite_or_zero(t):
+    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+
+
+def _combine_lse(top, total, dim, group=None):
+    """log of sum(total * exp(top)) over ``dim`` of per-chunk (max, sum of exp(. - max))
+    pieces, and over the processes of ``group`` when given (max, then sum all_reduced)."""
+    big = top.amax(dim=dim)
+    if group is not False:
+        big = _dist_max(big, group)
+    big = _finite_or_zero(big)
+    summed = (total * torch.exp(top - big.unsqueeze(dim))).sum(dim=dim)
+    if group is not False:
+        summed = all_reduce_(summed, group=group)
+    return big + torch.log(summed)
+
+
+def _sample_count(n_rows, n_valid, device, group):
+    if n_valid is None:
+        n_total = torch.full((), float(n_rows), device=device)
+    else:
+        n_total = n_valid.reshape(()).clamp(0, n_rows).to(device=device, dtype=torch.float32)
+    return all_reduce_(n_total.clone(), group=group)
+
+
+def _finish_log_scalings(n_protos, global_max, log_r, log_n, inv_t):
+    """log u from the prototype sums log_r ([K], over all processes): mass 1/K each."""
+    return -math.log(n_protos) - log_r.clamp_min(_LOG_TINY)
+
+
+def _zero_iterations_log_u(global_max, log_r, log_n, inv_t):
+    """0 iterations: Q = exp((x - M) / T) / total * n_total, M one global max; as log u."""
+    shift = (global_max - global_max.amax()) * inv_t
+    return shift + log_n - torch.logsumexp(log_r + shift, dim=0)
+
+
 @torch.no_grad()
 def sinkhorn_knopp_reference(logits, temperature, iterations=3, group=None, n_valid=None):
-    """The PyTorch reference of :func:`sinkhorn_knopp` (float32; float64 stays float64)."""
+    """The PyTorch reference of :func:`sinkhorn_knopp` (float32; float64 stays float64):
+    the same log-domain scaling iterations as the fused kernels, on the whole matrix."""
     _check_teacher_args(logits, temperature, iterations, n_valid)
-    valid = _valid_rows(logits.shape[0], n_valid, logits.device)
-    if valid is not None:  # padded rows may hold anything (inf, NaN): keep it out of 0 * x
-        logits = torch.where(valid[:, None], logits, torch.zeros_like(logits))
-    return _sinkhorn_reference(logits, epsilon=temperature, n_iters=iterations,
-                               sample_weight=valid, group=group)
+    x = logits.to(accumulation_dtype(logits))
+    n_rows, n_protos = x.shape
+    valid = _valid_rows(n_rows, n_valid, x.device)
+    inv_t = 1.0 / temperature
+    neg_inf = torch.tensor(float("-inf"), device=x.device, dtype=x.dtype)
+    if valid is not None:  # padded rows may hold anything (inf, NaN): they take no part
+        x = torch.where(valid[:, None], x, neg_inf)
+    global_max = _finite_or_zero(_dist_max(x.amax(dim=0), group))
+    z = (x - global_max) * inv_t  # [N, K], <= 0 on valid rows, -inf on padded ones
+    log_n = torch.log(_sample_count(n_rows, n_valid, x.device, group).to(x.dtype))
+    part_max = _finite_or_zero(z.amax(dim=0, keepdim=True))
+    log_r = _combine_lse(part_max, torch.exp(z - part_max).sum(dim=0, keepdim=True), 0, group)
+    if iterations == 0:
+        log_u = _zero_iterations_log_u(global_max, log_r, log_n, inv_t)
+        log_w = torch.zeros(n_rows, device=x.device, dtype=x.dtype)
+    else:
+        log_u = _finish_log_scalings(n_protos, global_max, log_r, log_n, inv_t)
+        for it in range(iterations):
+            log_c = torch.logsumexp(z + log_u, dim=1)  # per sample, local
+            log_w = -log_c if it == iterations - 1 else -log_c - log_n
+            if valid is not None:
+                log_w = torch.where(valid, log_w, neg_inf)
+            if it == iterations - 1:
+                break
+            y = z + log_w[:, None]
+            top = _finite_or_zero(y.amax(dim=0, keepdim=True))
+            log_r = _combine_lse(top, torch.exp(y - top).sum(dim=0, keepdim=True), 0, group)
+            log_u = _finish_log_scalings(n_protos, global_max, log_r, log_n, inv_t)
+    out = torch.exp(z + log_u + log_w[:, None])
+    if valid is not None:
+        out = torch.where(valid[:, None], out, torch.zeros_like(out))
+    return out
 
 
 def _sinkhorn_fused_impl(logits, n_valid, temperature, iterations, group):
@@ -82,44 +154,35 @@ def _sinkhorn_fused_impl(logits, n_valid, temperature, iterations, group):
     nv = None if n_valid is None else n_valid.to(device=device).reshape(()).contiguous()
     valid = _valid_rows(n_rows, nv, device)
     inv_t = 1.0 / temperature
+    neg_inf = torch.full((), float("-inf"), device=device)
 
     # pass 1: per-prototype max and sum of exp over this process's rows, then over all
     max_part, sum_part = sk_colsum(x, nv, temperature)
-    local_max = max_part.amax(dim=0)
-    global_max = all_reduce_(local_max.clone(),
-                             op=dist.ReduceOp.MAX if dist.is_available() else None, group=group)
-    global_max = torch.where(torch.isfinite(global_max), global_max, torch.zeros_like(global_max))
+    global_max = _finite_or_zero(_dist_max(max_part.amax(dim=0), group))
     rescale = torch.where(torch.isfinite(max_part),
                           torch.exp((max_part - global_max) * inv_t), torch.zeros_like(max_part))
-    r = all_reduce_((sum_part * rescale).sum(dim=0), group=group)  # [K]
-    if nv is None:
-        n_total = torch.full((), float(n_rows), device=device)
-    else:
-        n_total = nv.clamp(0, n_rows).to(torch.float32)
-    n_total = all_reduce_(n_total.clone(), group=group)
+    log_r = torch.log(all_reduce_((sum_part * rescale).sum(dim=0), group=group))  # [K]
+    log_n = torch.log(_sample_count(n_rows, nv, device, group))
 
     if iterations == 0:
-        # Q = exp((x - M) / T) / total * n_total with one global shift M: folded into u
-        top = global_max.amax()
-        to_top = torch.exp((global_max - top) * inv_t)
-        u = n_total * to_top / (r * to_top).sum()
-        w = torch.ones(n_rows, device=device) if valid is None else valid.to(torch.float32)
+        log_u = _zero_iterations_log_u(global_max, log_r, log_n, inv_t)
+        log_w = torch.zeros(n_rows, device=device)
     else:
-        u = 1.0 / (n_protos * r.clamp_min(_TINY))
-        for _ in range(iterations - 1):
-            c = sk_rowsum(x, nv, temperature, global_max, u).sum(dim=0)
-            w = 1.0 / (n_total * c.clamp_min(_TINY))
+        log_u = _finish_log_scalings(n_protos, global_max, log_r, log_n, inv_t)
+        for it in range(iterations):
+            top, total = sk_rowsum(x, nv, temperature, global_max, log_u.contiguous())
+            log_c = _combine_lse(top, total, 0, group=False)  # each sample lives on one process
+            log_w = -log_c if it == iterations - 1 else -log_c - log_n
             if valid is not None:
-                w = torch.where(valid, w, torch.zeros_like(w))
-            _, part = sk_colsum(x, nv, temperature, colmax=global_max, weights=w.contiguous())
-            r = all_reduce_(part.sum(dim=0), group=group)  # the multi-GPU hook
-            u = 1.0 / (n_protos * r.clamp_min(_TINY))
-        c = sk_rowsum(x, nv, temperature, global_max, u).sum(dim=0)
-        w = 1.0 / c.clamp_min(_TINY)  # the last column normalisation: rows sum to 1
-        if valid is not None:
-            w = torch.where(valid, w, torch.zeros_like(w))
-    return sk_finalize(x, nv, temperature, global_max.contiguous(), u.contiguous(),
-                       w.contiguous())
+                log_w = torch.where(valid, log_w, neg_inf)
+            if it == iterations - 1:
+                break
+            top, total = sk_colsum(x, nv, temperature, colmax=global_max,
+                                   logw=log_w.contiguous())
+            log_r = _combine_lse(top, total, 0, group)  # the multi-GPU hook
+            log_u = _finish_log_scalings(n_protos, global_max, log_r, log_n, inv_t)
+    return sk_finalize(x, nv, temperature, global_max.contiguous(), log_u.contiguous(),
+                       log_w.contiguous())
 
 
 @torch.library.custom_op("fastswav::sinkhorn_knopp_teacher", mutates_args=())
