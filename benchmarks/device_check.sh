@@ -14,7 +14,7 @@
 #   bench_loss 100  fused vs official-style eager and compiled at the official shapes,
 #                   kernel by kernel against the roofline
 #   bench_train 110 official-style eager vs 100ep_fast (compiled) ResNet-50 steps
-#   bench_teacher 50 the DINO-style teacher ops (when benchmarks/bench_teacher.py exists)
+#   bench_teacher 50 the DINO-style teacher ops vs the plain formulas, eager and compiled
 #   bench_queue 20  the queue ring buffer
 #   bench_data  40  the GPU share of the multi-crop augmentation (DATA_ZIP, a carried subset)
 #   speedrun    60  a short cifar10_speedrun, fused only (CIFAR_ZIP, SPEEDRUN_EPOCHS=2)
@@ -63,10 +63,10 @@ $PY -c "import torch, triton, numpy; print('torch', torch.__version__, 'triton',
 
 if [ "$DRY" = 1 ]; then
   run_step build 60 $PY -c "import fastswav; from fastswav.ops.queue_ext import extension_supports; print('fastswav importable (dry run: no reinstall)')"
-  run_step cuda_tests 300 $PY -m pytest -q -m "not slow" tests/test_fused_loss.py tests/test_no_host_sync.py
-  run_step bench_loss 200 $PY benchmarks/bench_loss.py --cpu-smoke
+  run_step cuda_tests 400 $PY -m pytest -q -m "not slow" tests/test_fused_loss.py tests/test_no_host_sync.py tests/test_teacher.py
+  run_step bench_loss 500 $PY benchmarks/bench_loss.py --cpu-smoke
   run_step bench_train 200 $PY benchmarks/bench_train.py --cpu-smoke
-  [ -f benchmarks/bench_teacher.py ] && run_step bench_teacher 200 $PY benchmarks/bench_teacher.py --cpu-smoke
+  run_step bench_teacher 200 $PY benchmarks/bench_teacher.py --cpu-smoke
   run_step bench_queue 60 $PY benchmarks/bench_queue.py --dry-run
   DATA_ZIP=${DATA_ZIP:-../shared/data/imagenet-sample-jpeg.zip}
   [ -f "$DATA_ZIP" ] && run_step bench_data 120 $PY benchmarks/bench_data.py --dry-run --zip "$DATA_ZIP"
@@ -75,10 +75,10 @@ if [ "$DRY" = 1 ]; then
 else
   MAX_JOBS=${MAX_JOBS:-16} run_step build 60 $PY -m pip install -q --no-build-isolation --no-deps -e .
   $PY -c "from fastswav import _C; print('fastswav._C with CUDA:', _C.WITH_CUDA)" 2>&1 | tee -a "$OUT/build.log"
-  run_step cuda_tests 100 $PY -m pytest -q -x -m cuda tests/test_fused_loss.py tests/test_queue.py tests/test_step.py
+  run_step cuda_tests 100 $PY -m pytest -q -x -m cuda tests/test_fused_loss.py tests/test_queue.py tests/test_step.py tests/test_teacher.py
   run_step bench_loss 100 $PY benchmarks/bench_loss.py --no-sweep --reps 100
   run_step bench_train 110 $PY benchmarks/bench_train.py --variants official_eager,100ep_fast --budget-s 95
-  [ -f benchmarks/bench_teacher.py ] && run_step bench_teacher 50 $PY benchmarks/bench_teacher.py
+  run_step bench_teacher 50 $PY benchmarks/bench_teacher.py --budget-s 40
   run_step bench_queue 20 $PY benchmarks/bench_queue.py --seconds 0.1 --repeats 3
   # The device call carries no shared data: copy subsets into an ignored folder and set these.
   DATA_ZIP=${DATA_ZIP:-../shared/data/imagenet-sample-jpeg.zip}
