@@ -7,6 +7,7 @@ H100 has SMs, or the training path's score matmul without tensor-core instructio
 quick test covers the training dtypes (bf16 embeddings, fp32 prototypes) at every official
 shape, the demo's and the speedrun's; the slow one every dtype mix and precision, and the
 DINO-style teacher ops at K = 65,536 (B = 64 to 1,024; no matmul there, so no tensor cores).
+Also here: every launch in kernels/ runs under a device guard.
 """
 from __future__ import annotations
 
@@ -96,3 +97,55 @@ def test_every_dtype_mix_precision_and_fused_op_compiles_without_spills(tools):
         assert {"_sk_colsum_kernel", "_sk_rowsum_kernel", "_sk_finalize_kernel",
                 "_ce_fwd_kernel", "_ce_bwd_kernel"} <= kernels, (arch, kernels)
     assert _check(reports) == []
+
+
+def test_every_launch_is_inside_a_device_guard():
+    """Triton launches on the current device: each ``kernel[grid](...)`` in kernels/ sits in
+    ``with device_guard(tensor):`` so tensors on cuda:1 never launch on cuda:0."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "kernels"
+    launches, unguarded = 0, []
+    for path in sorted(root.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        parents = {}
+        for node in ast.walk(tree):
+            for child in ast.iter_child_nodes(node):
+                parents[child] = node
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
+                    and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id.endswith("_kernel")):
+                continue
+            launches += 1
+            up, guarded = parents.get(node), False
+            while up is not None and not guarded:
+                guarded = isinstance(up, ast.With) and any(
+                    isinstance(item.context_expr, ast.Call)
+                    and getattr(item.context_expr.func, "id", "") == "device_guard"
+                    for item in up.items)
+                up = parents.get(up)
+            if not guarded:
+                unguarded.append(f"{path.name}:{node.lineno}")
+    assert launches >= 11
+    assert unguarded == []
+
+
+@pytest.mark.cuda
+def test_fused_loss_on_the_second_gpu_while_the_first_is_current():
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    from fastswav.ops.fused_loss import swav_loss_fused
+    from fastswav.ops.loss import swav_loss_reference
+
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(8 * 64, 128, generator=g).to("cuda:1")
+    protos = torch.randn(3000, 128, generator=g).to("cuda:1")
+    with torch.cuda.device(0):
+        got = swav_loss_fused(emb, protos, n_crops=8, precision="ieee")
+    want = swav_loss_reference(emb, protos, n_crops=8)
+    assert got.device == emb.device
+    assert torch.allclose(got, want, rtol=1e-4)
