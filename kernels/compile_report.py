@@ -261,7 +261,7 @@ def report(arch: int, only: Optional[str] = None) -> List[Launch]:
                          for c in loss_cases()]
     jobs += [(label, thunk, False) for label, thunk in extra_cases()]
     for label, thunk, training in jobs:
-        if only and only not in label:
+        if only and not re.search(only, label):
             continue
         start = len(launches)
         with torch.no_grad(), compiling_for(arch, label, launches):
@@ -284,7 +284,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true",
                         help="one JSON object per launch (keys kernel, case, grid, regs, "
                              "spill_bytes, shared_bytes, tensor_cores, ok, error, ...)")
-    parser.add_argument("--case", default=None, help="only cases whose label contains this")
+    parser.add_argument("--case", default=None, metavar="REGEX",
+                        help="only cases whose label matches this regular expression "
+                             "(labels: 'official B=256 K=3000 D=128 V=8 L=3840 bf16/fp32 tf32', "
+                             "'demo ...', 'speedrun ...', 'teacher_...')")
     args = parser.parse_args(argv)
     if not tools_present():
         print(f"compile_report: Triton's ptxas/cuobjdump not found under {NVIDIA_BIN}",

@@ -76,13 +76,13 @@ def tools():
 
 
 def test_training_path_compiles_without_spills_on_tensor_cores(tools):
-    reports = _reports("bf16/fp32 tf32")
+    reports = _reports("bf16/fp32 tf32$")
     for arch, launches in reports.items():
         kernels = {r["kernel"] for r in launches}
         assert {"_scores_kernel", "_row_sums_kernel", "_swapped_ce_fwd_kernel",
                 "_swapped_ce_bwd_kernel"} <= kernels, (arch, kernels)
-        # the official B=256 / queue 3840 case takes one launch per Sinkhorn round
-        assert any(r["kernel"] == "_pass_kernel" for r in launches)
+        # the queue cases take one launch per Sinkhorn round, the others two
+        assert {"_pass_kernel", "_col_sums_kernel"} <= kernels
         scores = [r for r in launches if r["kernel"] == "_scores_kernel"]
         want = "wgmma" if arch == 90 else "mma"
         assert all(r["tensor_core_instr"] == want for r in scores), (arch, scores)
@@ -91,7 +91,7 @@ def test_training_path_compiles_without_spills_on_tensor_cores(tools):
 
 @pytest.mark.slow
 def test_every_dtype_mix_precision_and_fused_op_compiles_without_spills(tools):
-    reports = _reports(None)
+    reports = _reports("^(?!.*bf16/fp32 tf32$)")  # what the quick test does not cover
     for arch, launches in reports.items():
         kernels = {r["kernel"] for r in launches}
         assert {"_sk_colsum_kernel", "_sk_rowsum_kernel", "_sk_finalize_kernel",
