@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -170,3 +171,28 @@ def find_resumable(run_dir, map_location="cpu") -> Tuple[Optional[Path], Optiona
             f"({', '.join(p.name for p in damaged)}); start over with --no-resume or use a new "
             "--output-dir")
     return None, None
+
+
+_RUN_FILE = re.compile(r"^(checkpoint_epoch\d+(_step\d+)?|queue_rank\d+_epoch\d+(_step\d+)?)\.pt$")
+
+
+def set_aside_previous(run_dir) -> Optional[Path]:
+    """Move the checkpoints and queues already in ``run_dir`` into a new subfolder
+    ``previous_<time>`` (for a run that starts over there: otherwise a later resume could
+    take a file of the old run, and pruning could delete the new run's files in favour of
+    the old run's higher epochs). Returns the subfolder, or None when there was nothing."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    files = sorted(p for p in run_dir.iterdir() if p.is_file() and _RUN_FILE.match(p.name))
+    if not files:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = run_dir / f"previous_{stamp}", 0
+    while target.exists():
+        n += 1
+        target = run_dir / f"previous_{stamp}.{n}"
+    target.mkdir()
+    for path in files:
+        os.replace(path, target / path.name)
+    return target

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import (NoReadableCheckpoint, checkpoint_path, find_resumable, latest_checkpoint,
-                         load_checkpoint, prune_checkpoints, queue_path, save_checkpoint)
+                         load_checkpoint, prune_checkpoints, queue_path, save_checkpoint,
+                         set_aside_previous)
 from .config import (DEFAULT_PRESET, PRESETS, Config, field_help, parse_value, preset,
                      resume_differences)
 from .data.sources import cifar10_fallback
@@ -383,6 +384,10 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
     main = dist_info.is_main
     # Before config.json is rewritten: it holds the recipe the checkpoints were trained with.
     ckpt, state = find_resume_state(cfg, run_dir, dist_info, device) if resume else (None, None)
+    if not resume and main:
+        previous = set_aside_previous(run_dir)
+        if previous is not None:
+            log.warning("--no-resume: the checkpoints already in %s were moved to %s", run_dir, previous)
     barrier(dist_info)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)

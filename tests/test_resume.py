@@ -108,8 +108,14 @@ def test_different_recipe_stops_with_one_line_naming_the_fields(tiny_folder, tmp
     assert "n_prototypes 6 -> 5" in err[0] and "base_lr 0.3 -> 0.1" in err[0]
     assert "--no-resume" in err[0] and "--output-dir" in err[0]
     assert (out / "config.json").read_text() == before  # the folder's recipe is kept
-    # The two ways out both work.
+    # The two ways out both work. Starting over moves the old run's files into a subfolder
+    # (kept), so a later resume there can only take the new run's checkpoints.
     assert main(_argv(tiny_folder, out, "--epochs=1", "--n_prototypes=5", "--no-resume")) == 0
+    previous = list(out.glob("previous_*/checkpoint_epoch0001.pt"))
+    assert len(previous) == 1
+    assert load_checkpoint(previous[0])["model"]["prototypes.weight"].shape[0] == 6
+    assert load_checkpoint(checkpoint_path(out, 1))["model"]["prototypes.weight"].shape[0] == 5
+    assert main(_argv(tiny_folder, out, "--epochs=1", "--n_prototypes=5")) == 0
     assert main(_argv(tiny_folder, tmp_path / "new", "--epochs=1", "--n_prototypes=5")) == 0
 
 
