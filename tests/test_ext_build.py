@@ -160,7 +160,9 @@ def test_fresh_venv_plain_pip_install_reports_the_extension(tmp_path):
     import torch
     import torchvision
 
-    torch_spec = [f"torch=={torch.__version__}", f"torchvision=={torchvision.__version__}"]
+    # The public version (without a local label such as +cu130), as the Makefile pins it.
+    torch_spec = [f"torch=={torch.__version__.split('+')[0]}",
+                  f"torchvision=={torchvision.__version__.split('+')[0]}"]
     timings = {}
     start = time.perf_counter()
     subprocess.run([python, "-m", "pip", "install", "-q", *torch_spec], env=env, check=True,
