@@ -162,7 +162,11 @@ def _compile(sources: Path, folder: Path, with_cuda: bool, cuda_home: Optional[s
     """Run torch's JIT build into ``folder``; returns the library. Compiler output goes to
     ``folder/build.log``; raises on failure."""
     import torch
-    from torch.utils import cpp_extension
+
+    # torch guesses CUDA_HOME when cpp_extension is first imported (and warns when it
+    # guesses from a wrapper nvcc): import it with the real toolkit in the environment.
+    with _environment(CUDA_HOME=cuda_home if with_cuda else None):
+        from torch.utils import cpp_extension
 
     files = [str(sources / n) for n in _toolchain.CPU_SOURCES]
     cflags = list(_toolchain.CXX_FLAGS)
