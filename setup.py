@@ -1,58 +1,32 @@
 """Build script: the fastswav package, kernels/ installed as fastswav.kernels, and
 (when a compiler is present) the csrc/ extension as fastswav._C."""
-import glob
+import importlib.util
 import os
-import re
 import shutil
-import subprocess
 import sys
 
 from setuptools import setup
 
-PACKAGES = ["fastswav", "fastswav.ops", "fastswav.data", "fastswav.eval", "fastswav.kernels"]
+PACKAGES = ["fastswav", "fastswav.ops", "fastswav.data", "fastswav.eval", "fastswav.kernels",
+            "fastswav._csrc"]
 
 
 def _say(message):
     print(f"fastswav setup: {message}", file=sys.stderr, flush=True)
 
 
-def _is_cuda_toolkit(folder):
-    """A toolkit folder holds bin/nvcc and the CUDA runtime to link against."""
-    if not folder or not os.path.isfile(os.path.join(folder, "bin", "nvcc")):
-        return False
-    runtimes = glob.glob(os.path.join(folder, "lib64", "libcudart.so*")) + glob.glob(
-        os.path.join(folder, "lib", "libcudart.so*")) + glob.glob(
-        os.path.join(folder, "targets", "*", "lib", "libcudart.so*"))
-    return bool(runtimes)
+def _load_toolchain():
+    """fastswav/_toolchain.py, loaded by path: the CUDA toolkit search shared with the
+    first-use build (importing the fastswav package here would need torch)."""
+    spec = importlib.util.spec_from_file_location(
+        "_fastswav_toolchain", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                            "fastswav", "_toolchain.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _find_cuda_home():
-    """The real CUDA toolkit folder, or None.
-
-    torch guesses CUDA_HOME as the parent of the folder of the `nvcc` on PATH, which is
-    wrong when that nvcc is a wrapper script (e.g. /usr/local/bin/nvcc -> link fails with
-    `cannot find -lcudart`), so check each candidate for bin/nvcc and libcudart.
-    """
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-        # A wrapper script still reveals the toolkit: nvcc's dry run prints its own folder.
-        try:
-            dry_run = subprocess.run(
-                [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                capture_output=True, text=True, timeout=60, check=False)
-            here = re.search(r"^#\$ _HERE_=(.+)$", dry_run.stdout + dry_run.stderr, re.MULTILINE)
-            if here:
-                candidates.append(os.path.dirname(here.group(1).strip()))
-        except (OSError, subprocess.SubprocessError):
-            pass
-    candidates.append("/usr/local/cuda")
-    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for folder in candidates:
-        if folder and _is_cuda_toolkit(folder):
-            return os.path.realpath(folder)
-    return None
+_toolchain = _load_toolchain()
 
 
 def extensions():
@@ -63,7 +37,7 @@ def extensions():
     failed build leaves the package installed without fastswav._C (the queue then uses the
     PyTorch reference).
     """
-    if os.environ.get("FASTSWAV_NO_EXT", "0") not in ("", "0"):
+    if _toolchain.env_flag("FASTSWAV_NO_EXT"):
         _say("FASTSWAV_NO_EXT is set: not building fastswav._C")
         return [], {}
     if not os.path.isdir("csrc"):
@@ -74,7 +48,7 @@ def extensions():
         return [], {}
 
     with_cuda = False
-    if os.environ.get("FASTSWAV_NO_CUDA_EXT", "0") not in ("", "0"):
+    if _toolchain.env_flag("FASTSWAV_NO_CUDA_EXT"):
         _say("FASTSWAV_NO_CUDA_EXT is set: building fastswav._C for the CPU only")
     else:
         try:
@@ -82,7 +56,7 @@ def extensions():
             torch_cuda = torch.version.cuda
         except ImportError:
             torch_cuda = None
-        cuda_home = _find_cuda_home() if torch_cuda else None
+        cuda_home = _toolchain.find_cuda_home() if torch_cuda else None
         if torch_cuda and cuda_home:
             # cpp_extension reads CUDA_HOME when first imported; set it before that import,
             # and on the module in case something imported it already.
@@ -96,8 +70,9 @@ def extensions():
                 if not has_gpu:
                     # Without a GPU to ask, torch would build for every arch it supports
                     # (slow); build for A100 and H100/H200, with PTX for newer cards.
-                    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
-                    _say("no GPU and no TORCH_CUDA_ARCH_LIST: building CUDA code for 8.0;9.0+PTX")
+                    os.environ["TORCH_CUDA_ARCH_LIST"] = _toolchain.DEFAULT_ARCH_LIST
+                    _say("no GPU and no TORCH_CUDA_ARCH_LIST: building CUDA code for "
+                         f"{_toolchain.DEFAULT_ARCH_LIST}")
             _say(f"building fastswav._C with CUDA (CUDA_HOME={cuda_home}, "
                  f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'from the GPU')})")
         elif torch_cuda:
@@ -109,20 +84,20 @@ def extensions():
     try:
         from torch.utils import cpp_extension
     except ImportError as exc:
-        _say(f"torch is not importable ({exc}): not building fastswav._C "
-             "(install with --no-build-isolation)")
+        _say(f"torch is not importable ({exc}): not building fastswav._C now; it is built "
+             "on first use into a per-user cache (or install with --no-build-isolation)")
         return [], {}
     if with_cuda:
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
 
-    sources = ["csrc/queue_ops.cpp"]
-    cxx_flags = ["-O3", "-g0"]  # no debug info: a shorter build (Python's CFLAGS add -g)
+    sources = [f"csrc/{name}" for name in _toolchain.CPU_SOURCES]
+    cxx_flags = list(_toolchain.CXX_FLAGS)  # no -g: a shorter build (Python's CFLAGS add it)
     if with_cuda:
-        sources.append("csrc/queue_kernels.cu")  # a different stem from the .cpp (ninja)
+        sources += [f"csrc/{name}" for name in _toolchain.CUDA_SOURCES]
         cxx_flags.append("-DFASTSWAV_WITH_CUDA")
         module = cpp_extension.CUDAExtension(
             "fastswav._C", sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-DFASTSWAV_WITH_CUDA"]})
+            extra_compile_args={"cxx": cxx_flags, "nvcc": list(_toolchain.NVCC_FLAGS)})
     else:
         module = cpp_extension.CppExtension("fastswav._C", sources,
                                             extra_compile_args={"cxx": cxx_flags})
@@ -143,7 +118,7 @@ def extensions():
                 # Undo what the failed run() left behind: its compiler object, cleared inplace.
                 self.compiler, self.inplace = None, inplace
                 cpu_only = cpp_extension.CppExtension(
-                    "fastswav._C", ["csrc/queue_ops.cpp"],
+                    "fastswav._C", [f"csrc/{name}" for name in _toolchain.CPU_SOURCES],
                     extra_compile_args={"cxx": [f for f in cxx_flags if "CUDA" not in f]})
                 # Reuse the finalized Extension object (setuptools has annotated it) with the
                 # CPU-only sources, flags and libraries.
@@ -167,7 +142,11 @@ setup(
     packages=PACKAGES,
     # kernels/ lives at the top level of the repository but is only importable as
     # fastswav.kernels: a top-level `kernels` would collide with an unrelated PyPI package.
-    package_dir={"fastswav": "fastswav", "fastswav.kernels": "kernels"},
+    # csrc/ also ships inside the package as fastswav._csrc (sources only): where the
+    # extension was not built at install time (e.g. pip's isolated build has no torch),
+    # fastswav builds it from these on first use (fastswav.ops.ext_build).
+    package_dir={"fastswav": "fastswav", "fastswav.kernels": "kernels", "fastswav._csrc": "csrc"},
+    package_data={"fastswav._csrc": ["*.cpp", "*.cu", "*.h"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -31,6 +31,11 @@ are about failure modes):
 - fewer than 2 crops in all, or crops of different batch sizes, raise ValueError instead of
   dividing by zero or broadcasting.
 
+Where it is the same: the constructor raises ValueError, as lightly's does, when
+``sinkhorn_gather_distributed=True`` and this torch has no ``torch.distributed``; the loss
+has lightly's shape ``(1,)`` (a one-element tensor, not 0-d: ``.item()`` and
+``.backward()`` work on both).
+
 Differences from :class:`fastswav.SwAVLoss`: that takes raw embeddings and prototype
 weights (normalising both itself, with the official straight-through prototype gradient),
 chooses the assigned crops by index (``crops_for_assign``, default the first two), uses the
@@ -65,6 +70,11 @@ class LightlyStyleSwaVLoss(nn.Module):
     def __init__(self, temperature: float = 0.1, sinkhorn_iterations: int = 3,
                  sinkhorn_epsilon: float = 0.05, sinkhorn_gather_distributed: bool = False):
         super().__init__()
+        if sinkhorn_gather_distributed and not dist.is_available():
+            # lightly's check, with its exception type: this torch was built without it.
+            raise ValueError("sinkhorn_gather_distributed=True but torch.distributed is not "
+                             "available in this torch build; set "
+                             "sinkhorn_gather_distributed=False")
         if temperature <= 0 or sinkhorn_epsilon <= 0:
             raise ValueError("temperature and sinkhorn_epsilon must be > 0")
         if sinkhorn_iterations < 0:
@@ -90,7 +100,8 @@ class LightlyStyleSwaVLoss(nn.Module):
     def forward(self, high_resolution_outputs: List[torch.Tensor],
                 low_resolution_outputs: List[torch.Tensor],
                 queue_outputs: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
-        """Scalar loss; see the module docstring for the exact function.
+        """The loss as a one-element tensor of shape ``(1,)`` (lightly's shape); see the
+        module docstring for the exact function.
 
         high_resolution_outputs / low_resolution_outputs: one ``[B, K]`` score tensor per crop;
         queue_outputs: None, or one ``[L, K]`` score tensor per high-resolution crop.
@@ -126,8 +137,9 @@ class LightlyStyleSwaVLoss(nn.Module):
                 codes.append(sinkhorn_knopp(scores, self.sinkhorn_epsilon,
                                             self.sinkhorn_iterations, group=group)[:batch])
         # Crop-major stack with the high-resolution crops first: they are the assigned crops.
-        return swapped_prediction_loss(torch.cat(crops), torch.stack(codes), len(crops),
+        loss = swapped_prediction_loss(torch.cat(crops), torch.stack(codes), len(crops),
                                        tuple(range(len(high))), self.temperature)
+        return loss.reshape(1)  # lightly returns shape (1,), not a 0-d tensor
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, sinkhorn_iterations={self.sinkhorn_iterations}, "

@@ -1,13 +1,30 @@
-"""Checkpoints: written atomically, loaded with ``weights_only=True``, found for resume."""
+"""Checkpoints: written atomically, loaded with ``weights_only=True``, found for resume.
+
+A resume takes the newest checkpoint that loads (:func:`find_resumable`): a damaged one (a
+file truncated by a node that died while a network file system flushed, a copy cut short)
+is named in one warning line and renamed to ``<name>.damaged`` beside it, never deleted,
+and the one before it is tried.
+"""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+
+log = logging.getLogger("fastswav")
+DAMAGED_SUFFIX = ".damaged"
+# What a checkpoint written by fastswav.train must hold to resume from it.
+RESUME_KEYS = ("epoch", "model", "optimizer")
+
+
+class NoReadableCheckpoint(RuntimeError):
+    """The run folder has checkpoints, but none of them loads."""
 
 # checkpoint_epoch0004.pt: 4 epochs done. checkpoint_epoch0004_step000120.pt: 4 epochs and
 # 120 steps of the fifth done (written when a run is preempted mid-epoch).
@@ -97,3 +114,85 @@ def latest_checkpoint(run_dir) -> Optional[Path]:
         return None
     found = [(_position(m), p) for p in run_dir.iterdir() if (m := _NAME.search(p.name))]
     return max(found)[1] if found else None
+
+
+def checkpoints_newest_first(run_dir) -> List[Path]:
+    """Every checkpoint in ``run_dir``, the furthest (by epoch, then step) first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(_position(m), p) for p in run_dir.iterdir() if (m := _NAME.search(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def move_aside(path) -> Path:
+    """Rename ``path`` to ``<name>.damaged`` (``.damaged.1``, ... when taken); never deletes."""
+    path = Path(path)
+    target = path.with_name(path.name + DAMAGED_SUFFIX)
+    n = 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}{DAMAGED_SUFFIX}.{n}")
+    os.replace(path, target)
+    return target
+
+
+def find_resumable(run_dir, map_location="cpu") -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """The newest checkpoint in ``run_dir`` that loads, and its contents; ``(None, None)``
+    when there is none at all.
+
+    Each damaged checkpoint on the way (it does not load, or lacks what a resume needs) is
+    named in one warning line and moved aside with :func:`move_aside`. Raises
+    :class:`NoReadableCheckpoint` when checkpoints exist but none of them loads. Call it on
+    one process (it renames files); the others then find the same file with
+    :func:`latest_checkpoint`.
+    """
+    candidates = checkpoints_newest_first(run_dir)
+    damaged = []
+    for i, path in enumerate(candidates):
+        try:
+            state = load_checkpoint(path, map_location=map_location)
+            missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+            if missing:
+                raise KeyError(f"no {', '.join(missing)} in it")
+        except Exception as exc:  # noqa: BLE001 (any failure to load means: damaged)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            moved = move_aside(path)
+            damaged.append(moved)
+            after = (f"trying {candidates[i + 1].name}" if i + 1 < len(candidates)
+                     else "no older checkpoint left")
+            log.warning("checkpoint %s is damaged (%s: %s); moved aside to %s, %s",
+                        path, type(exc).__name__, reason[:200], moved.name, after)
+            continue
+        return path, state
+    if damaged:
+        raise NoReadableCheckpoint(
+            f"no readable checkpoint in {run_dir}: {len(damaged)} damaged one(s) moved aside "
+            f"({', '.join(p.name for p in damaged)}); start over with --no-resume or use a new "
+            "--output-dir")
+    return None, None
+
+
+_RUN_FILE = re.compile(r"^(checkpoint_epoch\d+(_step\d+)?|queue_rank\d+_epoch\d+(_step\d+)?)\.pt$")
+
+
+def set_aside_previous(run_dir) -> Optional[Path]:
+    """Move the checkpoints and queues already in ``run_dir`` into a new subfolder
+    ``previous_<time>`` (for a run that starts over there: otherwise a later resume could
+    take a file of the old run, and pruning could delete the new run's files in favour of
+    the old run's higher epochs). Returns the subfolder, or None when there was nothing."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    files = sorted(p for p in run_dir.iterdir() if p.is_file() and _RUN_FILE.match(p.name))
+    if not files:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = run_dir / f"previous_{stamp}", 0
+    while target.exists():
+        n += 1
+        target = run_dir / f"previous_{stamp}.{n}"
+    target.mkdir()
+    for path in files:
+        os.replace(path, target / path.name)
+    return target

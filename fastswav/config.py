@@ -199,6 +199,57 @@ PRESETS: Dict[str, Tuple[str, Dict[str, typing.Any]]] = {
 }
 
 
+# Fields a resumed run may change: where the data is read from and how fast, what is logged
+# and profiled, how the work is spread (the global batch is checked separately), evaluation.
+# Every other field changes shapes (model, crops, prototypes, queue) or the meaning of the
+# schedule and the loss (batch, epochs, learning rates, optimiser, seed), so a checkpoint
+# trained with another value cannot be continued as the same run.
+RESUME_MAY_CHANGE = frozenset({
+    "data", "data_kind", "workers", "in_memory", "augment", "channels_last", "sync_bn",
+    "sync_bn_group_size", "compile", "ddp_bucket_mb", "device", "output_dir",
+    "keep_checkpoints", "log_every", "tensorboard", "nvtx", "profile", "knn_at_end", "knn_k",
+    "knn_temperature", "knn_max_train", "knn_max_test",
+})
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def resume_differences(saved: Dict[str, typing.Any], cfg: Config, saved_world_size: int = 0,
+                       world_size: int = 1):
+    """How ``cfg`` (run on ``world_size`` processes) differs from the ``saved`` config of a run
+    folder (trained on ``saved_world_size`` processes; 0: unknown).
+
+    Returns ``(blocking, allowed)``, each a list of ``"field old -> new"`` texts: blocking
+    fields change shapes or the schedule (see :data:`RESUME_MAY_CHANGE`), allowed ones may
+    change on resume. The per-process batch may change with the process count as long as
+    the global batch stays the same. Fields unknown to either side are ignored.
+    """
+    blocking, allowed = [], []
+    now = cfg.to_dict()
+    for name in sorted(set(saved) & set(now)):
+        old, new = saved[name], now[name]
+        if isinstance(old, list) and isinstance(new, list):
+            same = len(old) == len(new) and all(a == b for a, b in zip(old, new))
+        else:
+            same = old == new
+        if name == "batch_size" and saved_world_size:
+            old_global, new_global = old * saved_world_size, new * world_size
+            if old_global != new_global:
+                blocking.append(f"global batch {old} x {saved_world_size} = {old_global} -> "
+                                f"{new} x {world_size} = {new_global}")
+            elif saved_world_size != world_size:
+                allowed.append(f"processes {saved_world_size} -> {world_size} "
+                               f"(batch per process {old} -> {new}, global {new_global})")
+            continue
+        if same:
+            continue
+        text = f"{name} {_shown(old)} -> {_shown(new)}"
+        (allowed if name in RESUME_MAY_CHANGE else blocking).append(text)
+    return blocking, allowed
+
+
 def preset(name: str) -> Config:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")

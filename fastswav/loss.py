@@ -25,9 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels._common import DEFAULT_PRECISION  # torch only: importing needs no Triton
-from .ops.backend import loss_backend
+from .ops.backend import log, loss_backend
 from .ops.loss import check_crop_layout, swav_loss_reference
 from .queue import FeatureQueue
+
+
+_float64_logged: list = []  # non-empty once the float64 line has been logged
 
 
 def swav_loss(
@@ -62,13 +65,24 @@ def swav_loss(
             The reference path is always exact.
 
     Returns:
-        scalar float32 loss.
+        scalar loss: float32, or float64 for float64 embeddings. float64 inputs (embeddings
+        or prototypes) always take the exact reference (the fused kernels compute in
+        float32), so the result's dtype never depends on the device or backend.
     """
     kwargs = dict(
         n_crops=n_crops, crops_for_assign=tuple(crops_for_assign), temperature=temperature,
         epsilon=epsilon, sinkhorn_iterations=sinkhorn_iterations, queue=queue,
         queue_valid=queue_valid, group=group,
     )
+    # Layout first (shapes only, no sync): an empty or ragged batch is a ValueError on every
+    # backend, before any kernel sees it.
+    check_crop_layout(embeddings.shape[0], n_crops, kwargs["crops_for_assign"])
+    if embeddings.dtype == torch.float64 or prototypes.dtype == torch.float64:
+        if not _float64_logged:
+            _float64_logged.append(True)
+            log.info("float64 inputs: the SwAV loss takes the float64 PyTorch reference (the "
+                     "fused kernels compute in float32)")
+        return swav_loss_reference(embeddings, prototypes, **kwargs)
     if loss_backend(embeddings.device) == "fused":
         from .ops.fused_loss import swav_loss_fused
 
@@ -109,7 +123,9 @@ class SwAVLoss(nn.Module):
         )
         if queue is not None:
             batch = check_crop_layout(embeddings.shape[0], self.n_crops, self.crops_for_assign)
-            z = F.normalize(embeddings.detach().float(), dim=1).view(self.n_crops, batch, -1)
+            # Normalised in the queue's own precision (at least float32), stored in its dtype.
+            acc = torch.promote_types(queue.embeddings.dtype, torch.float32)
+            z = F.normalize(embeddings.detach().to(acc), dim=1).view(self.n_crops, batch, -1)
             # views by Python ints and one stack: no index tensor copied from the host
             queue.push(torch.stack([z[c] for c in self.crops_for_assign]))
         return loss

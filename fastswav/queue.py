@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .ops.queue import ring_in_official_order
-from .ops.queue_ext import queue_push_
+from .ops.queue_ext import ensure_extension, queue_push_
 
 
 class FeatureQueue(nn.Module):
@@ -22,6 +22,7 @@ class FeatureQueue(nn.Module):
         super().__init__()
         if n_assign < 1 or length < 1 or dim < 1:
             raise ValueError(f"bad queue shape: n_assign={n_assign}, length={length}, dim={dim}")
+        ensure_extension()  # the compiled op, built on first use where the install did not
         self.register_buffer("embeddings", torch.zeros(n_assign, length, dim, dtype=dtype, device=device))
         self.register_buffer("write_pos", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("filled", torch.zeros((), dtype=torch.int64, device=device))

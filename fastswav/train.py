@@ -25,9 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                         queue_path, save_checkpoint)
-from .config import DEFAULT_PRESET, PRESETS, Config, field_help, parse_value, preset
+from .checkpoint import (NoReadableCheckpoint, checkpoint_path, find_resumable, latest_checkpoint,
+                         load_checkpoint, prune_checkpoints, queue_path, save_checkpoint,
+                         set_aside_previous)
+from .config import (DEFAULT_PRESET, PRESETS, Config, field_help, parse_value, preset,
+                     resume_differences)
+from .data.sources import cifar10_fallback
 from .distributed import DistInfo, barrier, init_distributed, shutdown, sync_bn_group
 from .faults import (EXIT_DIVERGED, EXIT_PREEMPTED, Diverged, NonFiniteTracker, PreemptionHandler,
                      Preempted, code_entropy_ratio, looks_collapsed)
@@ -113,6 +116,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[Config, str, bool]
         cfg = cfg.replace(output_dir=os.path.join("runs", args.preset))
     if not cfg.data:
         raise UsageError(f"preset {args.preset!r} needs --data PATH (image folder, zip of JPEGs, or .beton)")
+    data, kind = cifar10_fallback(cfg.data, cfg.data_kind)
+    if (data, kind) != (cfg.data, cfg.data_kind):
+        print(f"fastswav: {cfg.data} is not here: using torchvision's CIFAR-10 in {data} "
+              "(downloaded on first use; --data PATH to read another copy)", flush=True)
+        cfg = cfg.replace(data=data, data_kind=kind)
     if cfg.data_kind != "torchvision-cifar10" and not os.path.exists(cfg.data):
         raise UsageError(f"data path not found: {cfg.data}")
     return cfg, args.preset, not args.no_resume
@@ -204,8 +212,15 @@ def build_data(cfg: Config, dist_info: DistInfo, device: torch.device):
     """The training source and its loader (call ``set_epoch`` on the loader every epoch)."""
     from .data.sources import open_source
 
-    source = open_source(cfg.data, split="train", kind=cfg.data_kind,
-                         preload=cfg.in_memory and cfg.augment == "pil" and not _is_beton(cfg))
+    try:
+        source = open_source(cfg.data, split="train", kind=cfg.data_kind,
+                             preload=cfg.in_memory and cfg.augment == "pil" and not _is_beton(cfg))
+    except FileNotFoundError as exc:
+        if cfg.data_kind == "torchvision-cifar10":
+            raise UsageError(f"{exc}. Either pass --data PATH (a CIFAR-10 zip of JPEGs, an "
+                             "image folder or a .beton), or run once on a machine with internet "
+                             "access so torchvision can download CIFAR-10") from None
+        raise UsageError(str(exc)) from None
     need = cfg.batch_size * dist_info.world_size
     if len(source) < need:
         raise UsageError(
@@ -323,9 +338,57 @@ class _Loop:
     first_step_seconds: Optional[float] = None
 
 
+def find_resume_state(cfg: Config, run_dir: Path, dist_info: DistInfo, device: torch.device):
+    """The checkpoint to resume from and its contents, ``(None, None)`` for a fresh start.
+
+    The main process takes the newest checkpoint that loads, moving damaged ones aside (one
+    warning line each); the others then load the same file. Raises :class:`UsageError`
+    (one line, exit status 2) when no checkpoint loads, or when ``cfg`` differs from the
+    folder's recipe (``config.json``) in a field that changes shapes or the schedule; fields
+    that may change on resume are logged.
+    """
+    if dist_info.is_main:
+        try:
+            ckpt, state = find_resumable(run_dir, map_location=device)
+        except NoReadableCheckpoint as exc:
+            raise UsageError(str(exc)) from None
+    barrier(dist_info)
+    if not dist_info.is_main:
+        ckpt = latest_checkpoint(run_dir)
+        state = load_checkpoint(ckpt, map_location=device) if ckpt is not None else None
+    if ckpt is None:
+        return None, None
+    saved_file = run_dir / "config.json"
+    saved = None
+    if saved_file.is_file():
+        try:
+            saved = json.loads(saved_file.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read %s (%s): comparing with the checkpoint's own config", saved_file, exc)
+    if not isinstance(saved, dict):
+        saved = state.get("config") or {}
+    blocking, allowed = resume_differences(saved, cfg, int(state.get("world_size") or 0),
+                                           dist_info.world_size)
+    if blocking:
+        raise UsageError(
+            f"{run_dir} was trained with a different recipe ({'; '.join(blocking)}), and "
+            f"{ckpt.name} cannot continue with these settings: start over with --no-resume, "
+            "or use a new --output-dir")
+    if allowed and dist_info.is_main:
+        log.info("resuming with changed settings: %s", "; ".join(allowed))
+    return ckpt, state
+
+
 def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist_info: DistInfo) -> dict:
     run_dir = Path(cfg.output_dir)
     main = dist_info.is_main
+    # Before config.json is rewritten: it holds the recipe the checkpoints were trained with.
+    ckpt, state = find_resume_state(cfg, run_dir, dist_info, device) if resume else (None, None)
+    if not resume and main:
+        previous = set_aside_previous(run_dir)
+        if previous is not None:
+            log.warning("--no-resume: the checkpoints already in %s were moved to %s", run_dir, previous)
+    barrier(dist_info)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(cfg.to_json() + "\n")
@@ -358,22 +421,34 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
     queue: Optional[FeatureQueue] = None
 
     start_epoch, start_step, knn_init = 0, 0, None
-    ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()
+            raise UsageError(
+                f"{ckpt} does not fit this model or optimiser ({first[0] if first else exc}"
+                f"{' ...' if len(first) > 1 else ''}): start over with --no-resume, or use a "
+                "new --output-dir") from None
         start_epoch, start_step = state["epoch"], state.get("step", 0)
         knn_init = state.get("knn_init")
         queue_file = queue_path(run_dir, start_epoch, dist_info.rank, start_step)
         if queue_len and queue_file.exists():
             queue = FeatureQueue(len(cfg.crops_for_assign), queue_len, cfg.out_dim, device=device)
-            queue.load_state_dict(load_checkpoint(queue_file, map_location=device))
+            try:
+                queue.load_state_dict(load_checkpoint(queue_file, map_location=device))
+            except Exception as exc:  # noqa: BLE001 (damaged, or another process count)
+                log.warning("saved queue %s not used (%s): the queue starts empty and fills "
+                            "again", queue_file, str(exc).strip().splitlines()[0][:200])
+                queue = FeatureQueue(len(cfg.crops_for_assign), queue_len, cfg.out_dim,
+                                     device=device)
         elif queue_len and start_epoch > cfg.epoch_queue_starts:
             log.warning("no saved queue %s: the queue starts empty and fills again", queue_file)
         if main:
             where = f"epoch {start_epoch} done" + (f" and {start_step} steps" if start_step else "")
             print(f"resumed from {ckpt} ({where})", flush=True)
+        state = None  # the loaded tensors now live in the model and optimiser
     run_log = RunLog(run_dir, main, cfg.tensorboard)
     if ckpt is None and cfg.knn_at_end:
         knn_init = knn_accuracy(cfg, model, device)
@@ -398,7 +473,8 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
         """Checkpoint (and this rank's queue) after ``epochs_done`` epochs + ``steps_done``."""
         loop.nonfinite.check(dist_info.enabled)  # never save a diverged model
         state = {"epoch": epochs_done, "step": steps_done, "model": unwrap(model).state_dict(),
-                 "optimizer": optimizer.state_dict(), "config": cfg.to_dict(), "knn_init": knn_init}
+                 "optimizer": optimizer.state_dict(), "config": cfg.to_dict(), "knn_init": knn_init,
+                 "world_size": dist_info.world_size}
         # Queue files first: a checkpoint that exists always has its queues beside it.
         if loop.queue is not None:
             save_checkpoint(loop.queue.state_dict(),

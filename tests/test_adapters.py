@@ -33,7 +33,7 @@ def _direct_loss(high, low, queue=None, temperature=0.1, epsilon=0.05, iteration
         per_crop = [-(codes * F.log_softmax(crops[v] / temperature, dim=1)).sum(dim=1).mean()
                     for v in range(len(crops)) if v != i]
         total = total + sum(per_crop) / (len(crops) - 1)
-    return total / len(high)
+    return (total / len(high)).reshape(1)  # lightly's loss has shape (1,)
 
 
 def _scores(n, batch, n_protos, dim=16, seed=0):
@@ -93,9 +93,10 @@ def test_equals_fastswav_loss_on_normalised_embeddings():
     scores = list((z @ c.T).split(batch))
     queue_scores = [F.normalize(queue[i], dim=1) @ c.T for i in range(2)]
     adapter = LightlyStyleSwaVLoss()
-    expected = SwAVLoss(n_crops=n_crops, crops_for_assign=(0, 1))(embeddings, prototypes)
+    # fastswav's own loss is 0-d; the adapter has lightly's shape (1,).
+    expected = SwAVLoss(n_crops=n_crops, crops_for_assign=(0, 1))(embeddings, prototypes).reshape(1)
     torch.testing.assert_close(adapter(scores[:2], scores[2:]), expected, rtol=1e-10, atol=1e-12)
-    with_queue = swav_loss_reference(embeddings, prototypes, n_crops=n_crops, queue=queue)
+    with_queue = swav_loss_reference(embeddings, prototypes, n_crops=n_crops, queue=queue).reshape(1)
     torch.testing.assert_close(adapter(scores[:2], scores[2:], queue_scores), with_queue,
                                rtol=1e-10, atol=1e-12)
 
@@ -113,3 +114,23 @@ def test_bad_inputs_raise():
         loss(crops[:2], crops[2:], [torch.randn(4, 5)])
     with pytest.raises(ValueError, match="queue_outputs"):
         loss(crops[:2], crops[2:], [torch.randn(4, 6), torch.randn(4, 6)])
+
+
+def test_output_shape_and_dtype_follow_lightly():
+    """lightly's SwaVLoss returns ``new_zeros(1)`` accumulated: shape (1,), not 0-d."""
+    crops = _scores(4, 5, 7, seed=8)
+    loss = LightlyStyleSwaVLoss()(crops[:2], crops[2:])
+    assert loss.shape == (1,) and loss.dtype == torch.float64
+    loss.backward()  # a one-element loss backpropagates without an explicit gradient
+    assert all(c.grad is not None for c in crops)
+
+
+def test_gather_distributed_without_torch_distributed_raises(monkeypatch):
+    """lightly raises ValueError in the constructor when gathering is asked for and this
+    torch has no torch.distributed; without gathering it still builds."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="torch.distributed is not available"):
+        LightlyStyleSwaVLoss(sinkhorn_gather_distributed=True)
+    LightlyStyleSwaVLoss(sinkhorn_gather_distributed=False)

@@ -368,7 +368,8 @@ class TorchvisionCIFAR10Source(ImageSource):
             raise FileNotFoundError(f"CIFAR-10 not found under {root}{hint}: {err}") from None
         except OSError as err:  # URLError and socket errors when offline
             raise FileNotFoundError(
-                f"CIFAR-10 is not under {root} and downloading it failed (offline?): {err}"
+                f"CIFAR-10 is not under {root} and downloading it failed (offline?): "
+                f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
             ) from None
         self.classes = list(dataset.classes)
         self.labels = np.asarray(dataset.targets, dtype=np.int64)
@@ -382,6 +383,33 @@ class TorchvisionCIFAR10Source(ImageSource):
 
     def preload(self, num_threads: Optional[int] = None) -> "ImageSource":
         return self
+
+
+# The CIFAR-10 zip the demo and the speedrun read first (this project's shared data folder).
+DEMO_CIFAR10_ZIP = "../shared/data/cifar10-jpeg.zip"
+DATA_CACHE_ENV = "FASTSWAV_DATA_CACHE"
+
+
+def download_cache_dir() -> str:
+    """Where data sets that fastswav downloads go: ``$FASTSWAV_DATA_CACHE``, else
+    ``$XDG_CACHE_HOME/fastswav/data``, else ``~/.cache/fastswav/data``."""
+    if os.environ.get(DATA_CACHE_ENV):
+        return os.path.expanduser(os.environ[DATA_CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fastswav", "data")
+
+
+def cifar10_fallback(path: str, kind: str = "auto"):
+    """``(path, kind)`` to read CIFAR-10 from: ``path`` itself when it exists or is not the
+    demo's default zip (:data:`DEMO_CIFAR10_ZIP`); else torchvision's CIFAR-10 in
+    :func:`download_cache_dir` (downloaded there on first use, when the machine is online).
+    So the shared zip stays the first choice (tests and CI stay offline) and a fresh clone
+    elsewhere still has its demo data."""
+    if kind != "auto" or os.path.exists(path):
+        return path, kind
+    if os.path.normpath(path) != os.path.normpath(DEMO_CIFAR10_ZIP):
+        return path, kind
+    return os.path.join(download_cache_dir(), "cifar10"), "torchvision-cifar10"
 
 
 def _looks_like_torchvision_cifar10(path: str) -> bool:

@@ -70,18 +70,47 @@ def loss_backend(device: torch.device) -> str:
     return "reference"
 
 
-def queue_extension():
+# How the extension was found: "installed", a first-use build's description, or why not.
+_extension_state: dict = {}
+
+
+def queue_extension(build: bool = True):
     """The compiled ``fastswav._C`` module when it loads and may be used, else None.
 
-    Logs one line the first time it falls back to the reference ring buffer.
+    The module installed with the package comes first. Where the install did not build it
+    (pip's isolated build has no torch), ``build=True`` builds it from the sources shipped
+    in the package into a per-user cache on this first use (one log line; a file lock keeps
+    concurrent processes from building it twice; see :mod:`fastswav.ops.ext_build`), and
+    later starts load it from there. ``FASTSWAV_NO_EXT=1`` skips that build.
+    ``build=False`` only looks (never compiles). Logs one line the first time it falls back
+    to the reference ring buffer.
     """
     if requested_backend() == "reference":
         return None
+    if "module" in _extension_state:
+        return _extension_state["module"]
     try:
         from fastswav import _C  # built from csrc/ by setup.py when a compiler is present
     except ImportError as exc:
-        if "queue" not in _warned:
-            _warned.add("queue")
-            log.info("fastswav._C not available (%s); feature queue uses the PyTorch reference", exc)
+        installed_error = exc
+    else:
+        _extension_state.update(module=_C, how="installed with the package")
+        return _C
+    if not build:
         return None
-    return _C
+    from .ext_build import load_or_build
+
+    module, how = load_or_build()
+    _extension_state.update(module=module, how=how)
+    if module is None and "queue" not in _warned:
+        _warned.add("queue")
+        log.info("fastswav._C not available (%s; %s); feature queue uses the PyTorch reference",
+                 installed_error, how)
+    return module
+
+
+def queue_extension_how() -> str:
+    """How :func:`queue_extension` found the extension, or why it did not (after a call)."""
+    if requested_backend() == "reference":
+        return f"not used: {BACKEND_ENV}=reference"
+    return _extension_state.get("how", "not looked for yet")

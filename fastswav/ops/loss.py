@@ -19,6 +19,9 @@ def check_crop_layout(n_rows: int, n_crops: int, crops_for_assign: Sequence[int]
     """Validate the crop-major layout and return the per-crop batch size B."""
     if n_crops < 2:
         raise ValueError(f"SwAV needs at least 2 crops, got n_crops={n_crops}")
+    if n_rows == 0:
+        raise ValueError(f"empty batch: 0 embedding rows for n_crops={n_crops} "
+                         "(each crop needs at least one image)")
     if n_rows % n_crops != 0:
         raise ValueError(f"{n_rows} embedding rows do not split into n_crops={n_crops} equal crops")
     if len(crops_for_assign) == 0:
