@@ -58,8 +58,10 @@ test: install ffcv
 # numpy: below 2.4, because triton 3.6's interpreter (TRITON_INTERPRET=1, how the kernels run
 # without a GPU) fails on numpy >= 2.4 ("only 0-dimensional arrays can be converted to Python
 # scalars"). The GPU machines have numpy 2.5, where only the compiled kernels run.
-# The machine-wide pip constraint file (torch<=2.14.1 etc.) would refuse nothing here, but it
-# is bypassed for this venv only by PIP_CONSTRAINT= (an empty list overrides the config file).
+# The machine-wide pip constraint file (/etc/xdg/pip: torch<=2.14.1, torchvision<=0.29.1) is
+# bypassed for this venv only by PIP_CONSTRAINT=/dev/null, which replaces the config file's
+# value (checked: pip 23.2 and 26.3 then resolve torch==2.15.0, above the cap). An empty
+# PIP_CONSTRAINT= does not: both pips still apply the file.
 # Smallest install that imports and runs on the CPU: torch, torchvision and triton with
 # --no-deps, torch's Python deps, and only the CUDA libraries that libtorch_cuda.so links
 # (readelf NEEDED: cudart, cupti, cublas(Lt), cufft, cufile, curand, cusparse (+nvjitlink),
@@ -68,14 +70,15 @@ test: install ffcv
 # CPU). Without the linked ones `import torch` fails (libcudnn.so.9: cannot open shared
 # object file): a --no-deps torch alone does not import. There is no 2.11 CPU-only wheel
 # on PyPI. Measured here (2 cores, 2026-12-01, other sessions sharing the cores):
-# `make compat-install` 4 min 26 s and 4.3 GB (incl. the CPU-only extension build); the full
+# `make compat-install` 4 min 26 s / 4 min 38 s (two runs) and 4.3 GB (incl. the CPU-only
+# extension build); the full
 # dependency set (pip install torch==2.11.0 torchvision==0.26.0 ...) took 3 min 35 s and
 # 4.7 GB, so --no-deps saves disk, not time (most CUDA wheels come from the local index).
 # `make compat-test` then took 12 min 30 s (pytest: 250 passed, 46 skipped in 719 s; the
 # fused-vs-reference learning check alone 265 s under triton 3.6's interpreter).
 COMPAT_VENV ?= .venv-compat
 CPY := $(COMPAT_VENV)/bin/python
-COMPAT_PIP := PIP_CONSTRAINT= $(CPY) -m pip install -q
+COMPAT_PIP := PIP_CONSTRAINT=/dev/null $(CPY) -m pip install -q
 COMPAT_TORCH_SPEC ?= torch==2.11.0 torchvision==0.26.0 triton==3.6.0
 COMPAT_NUMPY ?= numpy>=2.3,<2.4
 COMPAT_TORCH_DEPS ?= filelock typing-extensions>=4.10.0 setuptools<82 sympy>=1.13.3 \
