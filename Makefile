@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 FFCV_SPEC ?= ffcv==1.0.2
 FFCV_DEBS := pkg-config libturbojpeg0-dev libopencv-dev
 
-.PHONY: install ffcv demo test clean
+.PHONY: install ffcv demo test clean compat-install compat-test
 
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,73 @@ demo: install
 	$(PY) -m fastswav.train --data $(DATA)
 
 test: install ffcv
+	@$(PY) -c "import fastswav._C" 2>/dev/null || { \
+	  echo "fastswav._C does not load in $(VENV) (built for another torch): rebuilding it"; \
+	  rm -f fastswav/_C*.so; $(PY) -m pip install -q --no-build-isolation --no-deps -e .; }
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# --- The GPU machines' versions (torch 2.11, torchvision 0.26, triton 3.6; no ffcv, no nvtx) ---
+# `make compat-test` builds $(COMPAT_VENV) with them and runs the quick tests (-m "not slow").
+# Python: whatever $(PYTHON) is (3.11 here; the GPU machines run 3.12, not installed here).
+# numpy: below 2.4, because triton 3.6's interpreter (TRITON_INTERPRET=1, how the kernels run
+# without a GPU) fails on numpy >= 2.4 ("only 0-dimensional arrays can be converted to Python
+# scalars"). The GPU machines have numpy 2.5, where only the compiled kernels run.
+# The machine-wide pip constraint file (/etc/xdg/pip: torch<=2.14.1, torchvision<=0.29.1) is
+# bypassed for this venv only by PIP_CONSTRAINT=/dev/null, which replaces the config file's
+# value (checked: pip 23.2 and 26.3 then resolve torch==2.15.0, above the cap). An empty
+# PIP_CONSTRAINT= does not: both pips still apply the file.
+# Smallest install that imports and runs on the CPU: torch, torchvision and triton with
+# --no-deps, torch's Python deps, and only the CUDA libraries that libtorch_cuda.so links
+# (readelf NEEDED: cudart, cupti, cublas(Lt), cufft, cufile, curand, cusparse (+nvjitlink),
+# cusparseLt, nccl, cudnn, nvshmem) at the versions torch 2.11.0 pins. Left out: cusolver,
+# nvrtc and nvtx wheels, cuda-bindings, cuda-toolkit (loaded lazily or not at all on the
+# CPU). Without the linked ones `import torch` fails (libcudnn.so.9: cannot open shared
+# object file): a --no-deps torch alone does not import. There is no 2.11 CPU-only wheel
+# on PyPI. Measured here (2 cores, 2026-12-01, other sessions sharing the cores):
+# `make compat-install` 4 min 26 s / 4 min 38 s (two runs) and 4.3 GB (incl. the CPU-only
+# extension build); the full
+# dependency set (pip install torch==2.11.0 torchvision==0.26.0 ...) took 3 min 35 s and
+# 4.7 GB, so --no-deps saves disk, not time (most CUDA wheels come from the local index).
+# `make compat-test` then took 12 min 30 s (pytest: 250 passed, 46 skipped in 719 s; the
+# fused-vs-reference learning check alone 265 s under triton 3.6's interpreter).
+COMPAT_VENV ?= .venv-compat
+CPY := $(COMPAT_VENV)/bin/python
+COMPAT_PIP := PIP_CONSTRAINT=/dev/null $(CPY) -m pip install -q
+COMPAT_TORCH_SPEC ?= torch==2.11.0 torchvision==0.26.0 triton==3.6.0
+COMPAT_NUMPY ?= numpy>=2.3,<2.4
+COMPAT_TORCH_DEPS ?= filelock typing-extensions>=4.10.0 setuptools<82 sympy>=1.13.3 \
+  networkx>=2.5.1 jinja2 fsspec>=0.8.5 pillow
+COMPAT_CUDA_LIBS ?= nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85 \
+  nvidia-cublas==13.1.0.3 nvidia-cufft==12.0.0.61 nvidia-cufile==1.15.1.6 \
+  nvidia-curand==10.4.0.35 nvidia-cusparse==12.6.3.3 nvidia-nvjitlink==13.0.88 \
+  nvidia-cusparselt-cu13==0.8.0 nvidia-nccl-cu13==2.28.9 nvidia-cudnn-cu13==9.19.0.56 \
+  nvidia-nvshmem-cu13==3.4.5
+# fastswav's own deps and the test extra, without nvtx (absent on the GPU machines) and with
+# timm --no-deps (its torch requirement would otherwise pull every CUDA wheel).
+COMPAT_DEPS ?= tqdm>=4.60 pytest>=7 matplotlib>=3.5 tensorboard>=2.10 huggingface_hub \
+  pyyaml safetensors
+
+$(COMPAT_VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
+	rm -rf $(COMPAT_VENV)
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PIP) --upgrade pip setuptools wheel
+	$(COMPAT_PIP) --no-deps $(COMPAT_TORCH_SPEC) $(COMPAT_CUDA_LIBS)
+	$(COMPAT_PIP) '$(COMPAT_NUMPY)' $(foreach d,$(COMPAT_TORCH_DEPS) $(COMPAT_DEPS),'$(d)')
+	$(COMPAT_PIP) --no-deps 'timm>=0.9'
+	FASTSWAV_NO_CUDA_EXT=1 $(COMPAT_PIP) --no-build-isolation --no-deps -e .
+	$(CPY) -c "import torch, torchvision, triton, numpy, fastswav._C; print('compat venv: torch', torch.__version__, 'torchvision', torchvision.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
+	touch $@
+
+compat-install: $(COMPAT_VENV)/.installed
+
+# The editable install builds fastswav/_C*.so in place, in this tree, for one torch: .venv and
+# $(COMPAT_VENV) share that file, so whichever target runs checks that it loads and rebuilds
+# it for its own torch when it does not (`make test` after `make compat-test` and back).
+compat-test: compat-install
+	@$(CPY) -c "import fastswav._C" 2>/dev/null || { \
+	  echo "fastswav._C does not load in $(COMPAT_VENV) (built for another torch): rebuilding it"; \
+	  rm -f fastswav/_C*.so; FASTSWAV_NO_CUDA_EXT=1 $(COMPAT_PIP) --no-build-isolation --no-deps -e .; }
+	$(CPY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info
