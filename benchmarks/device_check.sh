@@ -58,7 +58,9 @@ run_step() {
 }
 
 echo "=== environment ($(date +%T))"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
+fi
 $PY -c "import torch, triton, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available())"
 
 if [ "$DRY" = 1 ]; then
@@ -69,7 +71,7 @@ if [ "$DRY" = 1 ]; then
   run_step bench_teacher 200 $PY benchmarks/bench_teacher.py --cpu-smoke
   run_step bench_queue 60 $PY benchmarks/bench_queue.py --dry-run
   DATA_ZIP=${DATA_ZIP:-../shared/data/imagenet-sample-jpeg.zip}
-  [ -f "$DATA_ZIP" ] && run_step bench_data 120 $PY benchmarks/bench_data.py --dry-run --zip "$DATA_ZIP"
+  [ -f "$DATA_ZIP" ] && run_step bench_data 300 $PY benchmarks/bench_data.py --dry-run --quick --zip "$DATA_ZIP"
   CIFAR_ZIP=${CIFAR_ZIP:-../shared/data/cifar10-jpeg.zip}
   [ -f "$CIFAR_ZIP" ] && run_step speedrun 200 $PY benchmarks/speedrun_cifar10.py --data "$CIFAR_ZIP" --cpu-smoke
 else
