@@ -39,7 +39,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_loss import CARD_BANDWIDTH_GBS, bench_ms  # noqa: E402
+from bench_loss import bench_ms  # noqa: E402
+from roofline import CARD_BANDWIDTH_GBS  # noqa: E402
 from common import RESULTS_DIR, ResultWriter, device_name, shape_key  # noqa: E402
 
 N_TEACHER, N_STUDENT, TEACHER_TEMP, STUDENT_TEMP, ITERS = 2, 10, 0.07, 0.1, 3
