@@ -7,6 +7,8 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Dict, Tuple
 
+from .kernels._common import DEFAULT_PRECISION, PRECISIONS  # torch only: no Triton needed
+
 DEFAULT_PRESET = "demo"
 
 
@@ -43,6 +45,7 @@ class Config:
     temperature: float = field(default=0.1, metadata={"help": "softmax temperature"})
     epsilon: float = field(default=0.05, metadata={"help": "Sinkhorn regularisation"})
     sinkhorn_iterations: int = field(default=3, metadata={"help": "Sinkhorn rounds"})
+    loss_precision: str = field(default=DEFAULT_PRECISION, metadata={"help": "matmul precision of the fused loss: tf32 (default; as accurate as the official fp16 run or better), tf32x3 (near fp32), bf16, or ieee (fp32 throughout, the exact mode for checks); the reference loss is always exact"})
     queue_length: int = field(default=0, metadata={"help": "feature queue length over all processes (0: no queue)"})
     epoch_queue_starts: int = field(default=15, metadata={"help": "epoch at which the queue starts filling"})
     # optimisation
@@ -110,6 +113,8 @@ class Config:
         from .profiling import parse_window
         from .step import COMPILE_MODES
 
+        if self.loss_precision not in PRECISIONS:
+            raise ValueError(f"loss_precision={self.loss_precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile={self.compile!r}: expected one of {', '.join(COMPILE_MODES)}")
         parse_window(self.profile)
@@ -208,7 +213,7 @@ RESUME_MAY_CHANGE = frozenset({
     "data", "data_kind", "workers", "in_memory", "augment", "channels_last", "sync_bn",
     "sync_bn_group_size", "compile", "ddp_bucket_mb", "device", "output_dir",
     "keep_checkpoints", "log_every", "tensorboard", "nvtx", "profile", "knn_at_end", "knn_k",
-    "knn_temperature", "knn_max_train", "knn_max_test",
+    "knn_temperature", "knn_max_train", "knn_max_test", "loss_precision",
 })
 
 

@@ -416,7 +416,7 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
             model, process_group=sync_bn_group(dist_info, cfg.sync_bn_group_size))
     optimizer = build_optimizer(cfg, model, base_lr)
     criterion = SwAVLoss(cfg.total_crops, cfg.crops_for_assign, cfg.temperature, cfg.epsilon,
-                         cfg.sinkhorn_iterations)
+                         cfg.sinkhorn_iterations, precision=cfg.loss_precision)
     queue_len = process_queue_length(cfg, dist_info.world_size)
     queue: Optional[FeatureQueue] = None
 
