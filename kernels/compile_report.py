@@ -29,16 +29,13 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
-# Kernels must be decorated as compilable JIT functions, not interpreted ones.
-os.environ.pop("TRITON_INTERPRET", None)
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction, KernelInterface
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime.driver import driver  # noqa: E402
-from triton.runtime.jit import JITFunction, KernelInterface  # noqa: E402
-
-from . import _common  # noqa: E402
+from . import _common
 
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # Per-SM limits: registers, shared memory (bytes), threads, resident blocks.
@@ -205,8 +202,10 @@ class LossCase:
 
     @property
     def training_path(self) -> bool:
-        """The dtypes the trainer feeds: bf16 embeddings (autocast), fp32 prototypes."""
-        return self.emb_dtype == torch.bfloat16 and self.proto_dtype == torch.float32
+        """What the trainer runs by default: bf16 embeddings (autocast), fp32 prototypes,
+        the default precision (the exact mode, ieee, multiplies on the FMA pipes)."""
+        return (self.emb_dtype == torch.bfloat16 and self.proto_dtype == torch.float32
+                and self.precision == _common.DEFAULT_PRECISION)
 
     def label(self) -> str:
         short = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
@@ -289,6 +288,11 @@ def main(argv=None) -> int:
                              "(labels: 'official B=256 K=3000 D=128 V=8 L=3840 bf16/fp32 tf32', "
                              "'demo ...', 'speedrun ...', 'teacher_...')")
     args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        # kernels decorated under the interpreter cannot be compiled
+        print("compile_report: unset TRITON_INTERPRET (kernels would be interpreted, not compiled)",
+              file=sys.stderr)
+        return 2
     if not tools_present():
         print(f"compile_report: Triton's ptxas/cuobjdump not found under {NVIDIA_BIN}",
               file=sys.stderr)
