@@ -334,7 +334,7 @@ def main(argv=None):
             writer.rows.clear()
         sys.stdout.flush()
     if write:
-        print(f"rows appended to benchmarks/results/bench_loss.csv")
+        print("rows appended to benchmarks/results/bench_loss.csv")
     else:
         print("CPU smoke run: interpreter timings, not written to benchmarks/results "
               "(use --write-cpu to record them labelled with the CPU).")
