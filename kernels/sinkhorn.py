@@ -137,6 +137,14 @@ def _pass_kernel(
         tl.store(r_part_ptr + out, tl.sum(p * v[:, None], axis=0), mask=col_mask)
 
 
+def _queue_operand(scores: torch.Tensor, queue_scores: "torch.Tensor | None"):
+    """(pointer tensor, L) of the queue segment: without a queue, L = 0 and the kernels never
+    load through the pointer (scores stands in for it)."""
+    if queue_scores is None:
+        return scores, 0
+    return queue_scores, queue_scores.shape[1]
+
+
 def sinkhorn_pass(
     scores: torch.Tensor,
     queue_scores: "torch.Tensor | None",
@@ -159,12 +167,12 @@ def sinkhorn_pass(
     partial sums of ``sum_n P[n, k] v_n`` (add over dim 1).
     """
     n_slots, n_protos = u.shape
-    q_len = 0 if queue_scores is None else queue_scores.shape[1]
+    queue_ptr, q_len = _queue_operand(scores, queue_scores)
     n_rb = triton.cdiv(q_len + batch, block_r)
     r_part = torch.empty((n_slots, n_rb, n_protos), device=scores.device, dtype=torch.float32)
     with device_guard(scores):
         _pass_kernel[(n_rb, n_slots)](
-            scores, scores if queue_scores is None else queue_scores, assign, valid, colmax, u,
+            scores, queue_ptr, assign, valid, colmax, u,
             n_total, r_part, batch, q_len, n_protos, 1.0 / epsilon, FP32_TINY,
             BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
         )
@@ -200,13 +208,13 @@ def sinkhorn_row_sums(
         ``[A, cdiv(K, block_k), n_rows]`` float32 partial sums (add over dim 1).
     """
     n_slots, n_protos = u.shape
-    q_len = 0 if queue_scores is None else queue_scores.shape[1]
+    queue_ptr, q_len = _queue_operand(scores, queue_scores)
     n_rows = q_len + batch - row_offset
     n_kb = triton.cdiv(n_protos, block_k)
     c_part = torch.empty((n_slots, n_kb, n_rows), device=scores.device, dtype=torch.float32)
     with device_guard(scores):
         _row_sums_kernel[(triton.cdiv(n_rows, block_r), n_kb, n_slots)](
-            scores, scores if queue_scores is None else queue_scores, assign, valid, colmax, u,
+            scores, queue_ptr, assign, valid, colmax, u,
             c_part, batch, q_len, n_protos, row_offset, n_rows, 1.0 / epsilon,
             BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
         )
@@ -237,12 +245,12 @@ def sinkhorn_col_sums(
     if rows_per_program % block_r:
         raise ValueError(f"rows_per_program {rows_per_program} is not a multiple of {block_r}")
     n_slots, n_protos = colmax.shape
-    q_len = 0 if queue_scores is None else queue_scores.shape[1]
+    queue_ptr, q_len = _queue_operand(scores, queue_scores)
     n_chunks = triton.cdiv(q_len + batch, rows_per_program)
     r_part = torch.empty((n_slots, n_chunks, n_protos), device=scores.device, dtype=torch.float32)
     with device_guard(scores):
         _col_sums_kernel[(n_chunks, triton.cdiv(n_protos, block_k), n_slots)](
-            scores, scores if queue_scores is None else queue_scores, assign, valid, colmax, v,
+            scores, queue_ptr, assign, valid, colmax, v,
             r_part, batch, q_len, n_protos, rows_per_program, 1.0 / epsilon,
             BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
         )
