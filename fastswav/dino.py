@@ -83,7 +83,7 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
-        batch = torch.tensor(float(teacher_output.shape[0]), device=teacher_output.device)
+        batch = torch.full((), float(teacher_output.shape[0]), device=teacher_output.device)
         total = all_reduce_(teacher_output.float().sum(dim=0, keepdim=True), group=self.group)
         batch = all_reduce_(batch, group=self.group)
         self.center.mul_(self.center_momentum).add_(total / batch * (1 - self.center_momentum))

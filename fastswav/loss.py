@@ -24,13 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels._common import DEFAULT_PRECISION  # torch only: importing needs no Triton
+from .kernels._common import DEFAULT_PRECISION, layout_error  # torch only: needs no Triton
 from .ops.backend import log, loss_backend
 from .ops.loss import check_crop_layout, swav_loss_reference
 from .queue import FeatureQueue
 
 
 _float64_logged: list = []  # non-empty once the float64 line has been logged
+_layout_logged: list = []  # likewise for a crop layout beyond the fused kernels
 
 
 def swav_loss(
@@ -83,7 +84,11 @@ def swav_loss(
             log.info("float64 inputs: the SwAV loss takes the float64 PyTorch reference (the "
                      "fused kernels compute in float32)")
         return swav_loss_reference(embeddings, prototypes, **kwargs)
-    if loss_backend(embeddings.device) == "fused":
+    too_large = layout_error(n_crops, kwargs["crops_for_assign"])
+    if too_large and not _layout_logged:
+        _layout_logged.append(True)
+        log.info("%s: the SwAV loss takes the PyTorch reference", too_large)
+    if not too_large and loss_backend(embeddings.device) == "fused":
         from .ops.fused_loss import swav_loss_fused
 
         return swav_loss_fused(embeddings, prototypes, precision=precision, **kwargs)

@@ -70,3 +70,39 @@ def pow2_at_least(n: int, floor: int = 16) -> int:
     while p < n:
         p *= 2
     return p
+
+
+# Crop and slot indices reach the kernels as constexpr integers, packed a few bits per entry,
+# never as device tensors: a tensor made from host ints is a host-to-device copy, and one
+# cached between calls would live in a CUDA graph's memory pool. Each distinct layout
+# compiles its own kernel variant (a run has one).
+CROP_BITS = 7   # crop index of each assigned crop ("slot"): crops 0..127
+SLOT_BITS = 4   # slot + 1 of each crop (0: not assigned): slots 0..14
+MAX_ASSIGNED = 63 // CROP_BITS   # 9 assigned crops fit a non-negative int64
+MAX_GROUPS = 63 // SLOT_BITS     # 15 crops (or queue segments) per score launch
+
+
+def layout_error(n_crops: int, crops_for_assign) -> "str | None":
+    """Why the fused kernels cannot take this crop layout, or None when they can."""
+    if n_crops > MAX_GROUPS or len(crops_for_assign) > MAX_ASSIGNED:
+        return (f"the fused SwAV loss takes at most {MAX_GROUPS} crops and {MAX_ASSIGNED} "
+                f"assigned crops, got {n_crops} and {len(crops_for_assign)}")
+    return None
+
+
+def pack_crops(crops) -> int:
+    """Pack the crop index of each slot (``crops_for_assign``) into one int."""
+    crops = [int(c) for c in crops]
+    if len(crops) > MAX_ASSIGNED or any(not 0 <= c < 1 << CROP_BITS for c in crops):
+        raise ValueError(f"the fused kernels take at most {MAX_ASSIGNED} assigned crops with "
+                         f"indices below {1 << CROP_BITS}, got {crops}")
+    return sum(c << (CROP_BITS * a) for a, c in enumerate(crops))
+
+
+def pack_slots(slots) -> int:
+    """Pack the slot of each group (-1 for none) into one int, ``slot + 1`` per entry."""
+    slots = [int(s) for s in slots]
+    if len(slots) > MAX_GROUPS or any(not -1 <= s < (1 << SLOT_BITS) - 1 for s in slots):
+        raise ValueError(f"the fused kernels take at most {MAX_GROUPS} crops and "
+                         f"{(1 << SLOT_BITS) - 1} slots, got slots {slots}")
+    return sum((s + 1) << (SLOT_BITS * g) for g, s in enumerate(slots))

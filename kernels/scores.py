@@ -24,7 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_guard, dot_mode, pow2_at_least
+from typing import Sequence
+
+from ._common import device_guard, dot_mode, pack_slots, pow2_at_least
+from ._packed import slot_of_group
 
 
 @triton.jit
@@ -64,13 +67,13 @@ def tile_dot(x, w_t, acc, DOT_MODE: tl.constexpr):
 @triton.jit
 def _scores_kernel(
     x_ptr, w_ptr, s_ptr, inv_x_ptr, inv_w_ptr,
-    col_slot_ptr, col_weight_ptr, colmax_ptr, colsum_ptr,
+    col_weight_ptr, colmax_ptr, colsum_ptr,
     rowmax_ptr, rowsum_ptr,
     R, K, D, n_row_blocks_total, col_block_offset,
     inv_eps, inv_temp,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     STORE_SCORES: tl.constexpr, COL_STATS: tl.constexpr, ROW_STATS: tl.constexpr,
-    DOT_MODE: tl.constexpr,
+    DOT_MODE: tl.constexpr, COL_SLOTS: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -112,7 +115,7 @@ def _scores_kernel(
         tl.store(s_ptr + global_rows[:, None] * K + cols[None, :], s, mask=tile_mask)
 
     if COL_STATS:
-        slot = tl.load(col_slot_ptr + group)
+        slot = slot_of_group(COL_SLOTS, group)
         if slot >= 0:
             weight = tl.load(col_weight_ptr).to(tl.float32)
             part = tl.where(row_mask, weight, 0.0) > 0
@@ -142,7 +145,7 @@ def prototype_scores(
     w: torch.Tensor,
     *,
     store_scores: bool = True,
-    col_slots: torch.Tensor | None = None,
+    col_slots: Sequence[int] | None = None,
     col_weight: torch.Tensor | None = None,
     colmax: torch.Tensor | None = None,
     colsum: torch.Tensor | None = None,
@@ -160,7 +163,7 @@ def prototype_scores(
 
     Args:
         store_scores: write the ``[G, R, K]`` float32 scores (else only the statistics).
-        col_slots: int32 ``[G]``: slot ``a`` in ``colmax``/``colsum`` for groups that feed
+        col_slots: ``G`` Python ints (constexpr in the kernel): slot ``a`` in ``colmax``/``colsum`` for groups that feed
             Sinkhorn, ``-1`` for the others. Enables the per-column statistics.
         col_weight: float 0-dim tensor, 0 or 1: whether these rows take part (queue_valid).
         colmax, colsum: ``[A, n_row_blocks_total, K]`` float32 outputs; this call fills row
@@ -201,13 +204,14 @@ def prototype_scores(
     with device_guard(x):
         _scores_kernel[(n_rb, n_kb, groups)](
             x, w, scores if store_scores else dummy, inv_x, inv_w,
-            col_slots if col_stats else dummy, col_weight if col_stats else dummy,
+            col_weight if col_stats else dummy,
             colmax if col_stats else dummy, colsum if col_stats else dummy,
             rowmax if row_stats else dummy, rowsum if row_stats else dummy,
             rows, n_protos, dim, n_rb_total, col_block_offset,
             1.0 / epsilon, 1.0 / temperature,
             BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_D=block_d,
             STORE_SCORES=store_scores, COL_STATS=col_stats, ROW_STATS=row_stats,
-            DOT_MODE=mode, num_warps=num_warps,
+            DOT_MODE=mode, COL_SLOTS=pack_slots(col_slots) if col_stats else 0,
+            num_warps=num_warps,
         )
     return scores, inv_x, inv_w, rowmax, rowsum

@@ -25,11 +25,14 @@ one read of the scores from DRAM instead of two.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import FP32_TINY, device_guard
+from ._common import FP32_TINY, device_guard, pack_crops
+from ._packed import crop_of_slot
 
 
 @triton.jit
@@ -50,14 +53,14 @@ def _segment_exp(s_ptr, q_ptr, slot, crop, valid, rows, in_range, cols, col_mask
 
 @triton.jit
 def _row_sums_kernel(
-    s_ptr, q_ptr, assign_ptr, valid_ptr, colmax_ptr, u_ptr, c_part_ptr,
+    s_ptr, q_ptr, valid_ptr, colmax_ptr, u_ptr, c_part_ptr,
     B, L, K, row_offset, n_rows, inv_eps,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ASSIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     slot = tl.program_id(2)
-    crop = tl.load(assign_ptr + slot)
+    crop = crop_of_slot(ASSIGN, slot)
     valid = tl.load(valid_ptr).to(tl.float32)
     local = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     in_range = local < n_rows
@@ -75,14 +78,14 @@ def _row_sums_kernel(
 
 @triton.jit
 def _col_sums_kernel(
-    s_ptr, q_ptr, assign_ptr, valid_ptr, colmax_ptr, v_ptr, r_part_ptr,
+    s_ptr, q_ptr, valid_ptr, colmax_ptr, v_ptr, r_part_ptr,
     B, L, K, rows_per_program, inv_eps,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ASSIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_k = tl.program_id(1)
     slot = tl.program_id(2)
-    crop = tl.load(assign_ptr + slot)
+    crop = crop_of_slot(ASSIGN, slot)
     valid = tl.load(valid_ptr).to(tl.float32)
     seg_rows = L + B
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -102,13 +105,13 @@ def _col_sums_kernel(
 
 @triton.jit
 def _pass_kernel(
-    s_ptr, q_ptr, assign_ptr, valid_ptr, colmax_ptr, u_ptr, n_total_ptr, r_part_ptr,
+    s_ptr, q_ptr, valid_ptr, colmax_ptr, u_ptr, n_total_ptr, r_part_ptr,
     B, L, K, inv_eps, tiny,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ASSIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     slot = tl.program_id(1)
-    crop = tl.load(assign_ptr + slot)
+    crop = crop_of_slot(ASSIGN, slot)
     valid = tl.load(valid_ptr).to(tl.float32)
     n_total = tl.load(n_total_ptr).to(tl.float32)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -148,7 +151,7 @@ def _queue_operand(scores: torch.Tensor, queue_scores: "torch.Tensor | None"):
 def sinkhorn_pass(
     scores: torch.Tensor,
     queue_scores: "torch.Tensor | None",
-    assign: torch.Tensor,
+    assign: Sequence[int],
     valid: torch.Tensor,
     colmax: torch.Tensor,
     u: torch.Tensor,
@@ -172,9 +175,9 @@ def sinkhorn_pass(
     r_part = torch.empty((n_slots, n_rb, n_protos), device=scores.device, dtype=torch.float32)
     with device_guard(scores):
         _pass_kernel[(n_rb, n_slots)](
-            scores, queue_ptr, assign, valid, colmax, u,
+            scores, queue_ptr, valid, colmax, u,
             n_total, r_part, batch, q_len, n_protos, 1.0 / epsilon, FP32_TINY,
-            BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
+            ASSIGN=pack_crops(assign), BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
         )
     return r_part
 
@@ -182,7 +185,7 @@ def sinkhorn_pass(
 def sinkhorn_row_sums(
     scores: torch.Tensor,
     queue_scores: "torch.Tensor | None",
-    assign: torch.Tensor,
+    assign: Sequence[int],
     valid: torch.Tensor,
     colmax: torch.Tensor,
     u: torch.Tensor,
@@ -200,7 +203,7 @@ def sinkhorn_row_sums(
         scores: ``[n_crops * B, K]`` float32, crop-major; slot ``a``'s batch rows are crop
             ``assign[a]``'s.
         queue_scores: ``[A, L, K]`` float32 or None (L = 0).
-        assign: int32 ``[A]`` crop of each slot; valid: float 0-dim 0/1 (queue takes part).
+        assign: the crop of each slot (Python ints: constexpr in the kernel); valid: float 0-dim 0/1 (queue takes part).
         colmax, u: ``[A, K]`` float32 shift (finite) and prototype scaling.
         row_offset: first segment row to cover (``L`` covers the batch rows only).
 
@@ -214,9 +217,9 @@ def sinkhorn_row_sums(
     c_part = torch.empty((n_slots, n_kb, n_rows), device=scores.device, dtype=torch.float32)
     with device_guard(scores):
         _row_sums_kernel[(triton.cdiv(n_rows, block_r), n_kb, n_slots)](
-            scores, queue_ptr, assign, valid, colmax, u,
+            scores, queue_ptr, valid, colmax, u,
             c_part, batch, q_len, n_protos, row_offset, n_rows, 1.0 / epsilon,
-            BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
+            ASSIGN=pack_crops(assign), BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
         )
     return c_part
 
@@ -224,7 +227,7 @@ def sinkhorn_row_sums(
 def sinkhorn_col_sums(
     scores: torch.Tensor,
     queue_scores: "torch.Tensor | None",
-    assign: torch.Tensor,
+    assign: Sequence[int],
     valid: torch.Tensor,
     colmax: torch.Tensor,
     v: torch.Tensor,
@@ -250,8 +253,8 @@ def sinkhorn_col_sums(
     r_part = torch.empty((n_slots, n_chunks, n_protos), device=scores.device, dtype=torch.float32)
     with device_guard(scores):
         _col_sums_kernel[(n_chunks, triton.cdiv(n_protos, block_k), n_slots)](
-            scores, queue_ptr, assign, valid, colmax, v,
+            scores, queue_ptr, valid, colmax, v,
             r_part, batch, q_len, n_protos, rows_per_program, 1.0 / epsilon,
-            BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
+            ASSIGN=pack_crops(assign), BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
         )
     return r_part

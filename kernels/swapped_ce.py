@@ -16,19 +16,22 @@ caller, so dS stays O(1) and can be stored in 16 bits for tensor-core matmuls.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import device_guard
+from ._common import device_guard, pack_crops, pack_slots
+from ._packed import crop_of_slot, slot_of_group
 
 
 @triton.jit
 def _swapped_ce_fwd_kernel(
-    s_ptr, assign_ptr, colmax_ptr, u_ptr, row_scale_ptr,
+    s_ptr, colmax_ptr, u_ptr, row_scale_ptr,
     codes_ptr, dot_part_ptr, sum_part_ptr,
     B, K, inv_eps,
-    N_CROPS: tl.constexpr, N_ASSIGN: tl.constexpr,
+    N_CROPS: tl.constexpr, N_ASSIGN: tl.constexpr, ASSIGN: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
@@ -45,7 +48,7 @@ def _swapped_ce_fwd_kernel(
     for v in tl.static_range(N_CROPS):
         s_all += tl.load(s_ptr + (v * B + rows64)[:, None] * K + cols[None, :], mask=mask, other=0.0)
     for a in tl.static_range(N_ASSIGN):
-        crop = tl.load(assign_ptr + a)
+        crop = crop_of_slot(ASSIGN, a)
         s_own = tl.load(s_ptr + (crop * B + rows64)[:, None] * K + cols[None, :], mask=mask,
                         other=0.0)
         m = tl.load(colmax_ptr + a * K + cols, mask=col_mask, other=0.0)
@@ -61,9 +64,9 @@ def _swapped_ce_fwd_kernel(
 
 @triton.jit
 def _swapped_ce_bwd_kernel(
-    s_ptr, lse_ptr, slot_of_crop_ptr, codes_ptr, code_sum_ptr, grad_ptr, ds_ptr,
+    s_ptr, lse_ptr, codes_ptr, code_sum_ptr, grad_ptr, ds_ptr,
     B, K, inv_temp, scale,
-    N_CROPS: tl.constexpr, N_ASSIGN: tl.constexpr, UNIT_SCALE: tl.constexpr,
+    N_CROPS: tl.constexpr, N_ASSIGN: tl.constexpr, SLOTS: tl.constexpr, UNIT_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
@@ -87,7 +90,7 @@ def _swapped_ce_bwd_kernel(
     else:
         coef = tl.load(grad_ptr).to(tl.float32) * scale
     for v in tl.static_range(N_CROPS):
-        slot = tl.load(slot_of_crop_ptr + v)
+        slot = slot_of_group(SLOTS, v)
         own = slot >= 0
         own_rows = slot * B + rows64
         target = target_all - tl.load(codes_ptr + own_rows[:, None] * K + cols[None, :],
@@ -105,7 +108,7 @@ def _swapped_ce_bwd_kernel(
 
 def swapped_ce_forward(
     scores: torch.Tensor,
-    assign: torch.Tensor,
+    assign: Sequence[int],
     colmax: torch.Tensor,
     u: torch.Tensor,
     row_scale: torch.Tensor,
@@ -120,7 +123,7 @@ def swapped_ce_forward(
 
     Args:
         scores: ``[n_crops * B, K]`` float32, crop-major.
-        assign: int32 ``[A]`` crop index of each assigned crop.
+        assign: crop index of each assigned crop (Python ints: constexpr in the kernel).
         colmax, u: ``[A, K]`` Sinkhorn shift and final prototype scaling.
         row_scale: ``[A, B]`` 1 / (final row sums of P * u), or ones for 0 iterations.
 
@@ -130,16 +133,17 @@ def swapped_ce_forward(
     """
     n_rows, n_protos = scores.shape
     batch = n_rows // n_crops
-    n_slots = assign.shape[0]
+    n_slots = len(assign)
     n_kb = triton.cdiv(n_protos, block_k)
     codes = torch.empty((n_slots, batch, n_protos), device=scores.device, dtype=torch.float32)
     dot_part = torch.empty((n_slots, n_kb, batch), device=scores.device, dtype=torch.float32)
     sum_part = torch.empty_like(dot_part)
     with device_guard(scores):
         _swapped_ce_fwd_kernel[(triton.cdiv(batch, block_r), n_kb)](
-            scores, assign, colmax, u, row_scale, codes, dot_part, sum_part,
+            scores, colmax, u, row_scale, codes, dot_part, sum_part,
             batch, n_protos, 1.0 / epsilon,
-            N_CROPS=n_crops, N_ASSIGN=n_slots, BLOCK_R=block_r, BLOCK_K=block_k,
+            N_CROPS=n_crops, N_ASSIGN=n_slots, ASSIGN=pack_crops(assign),
+            BLOCK_R=block_r, BLOCK_K=block_k,
             num_warps=num_warps,
         )
     return codes, dot_part, sum_part
@@ -149,7 +153,7 @@ def swapped_ce_backward(
     grad_loss: torch.Tensor,
     scores: torch.Tensor,
     lse: torch.Tensor,
-    slot_of_crop: torch.Tensor,
+    slot_of_crop: Sequence[int],
     codes: torch.Tensor,
     code_sum: torch.Tensor,
     *,
@@ -163,7 +167,7 @@ def swapped_ce_backward(
 ) -> torch.Tensor:
     """dLoss/dScores ``[n_crops * B, K]`` for the upstream 0-dim ``grad_loss``.
 
-    ``slot_of_crop``: int32 ``[n_crops]``, the slot of an assigned crop, -1 for the others.
+    ``slot_of_crop``: ``n_crops`` Python ints, the slot of an assigned crop, -1 for the others.
     With ``unit_scale`` the result is dS / (grad_loss * scale), where
     ``scale = 1 / (temperature * A * B * (n_crops - 1))``: the caller applies that factor.
     """
@@ -173,9 +177,10 @@ def swapped_ce_backward(
     grad_scores = torch.empty(scores.shape, device=scores.device, dtype=out_dtype)
     with device_guard(scores):
         _swapped_ce_bwd_kernel[(triton.cdiv(batch, block_r), triton.cdiv(n_protos, block_k))](
-            scores, lse, slot_of_crop, codes, code_sum, grad_loss, grad_scores,
+            scores, lse, codes, code_sum, grad_loss, grad_scores,
             batch, n_protos, 1.0 / temperature, loss_scale(temperature, n_slots, batch, n_crops),
-            N_CROPS=n_crops, N_ASSIGN=n_slots, UNIT_SCALE=unit_scale,
+            N_CROPS=n_crops, N_ASSIGN=n_slots, SLOTS=pack_slots(slot_of_crop),
+            UNIT_SCALE=unit_scale,
             BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
         )
     return grad_scores

@@ -64,7 +64,7 @@ def test_scores_kernel_scores_norms_and_statistics(dtype, precision):
     n_rb = triton.cdiv(rows, block_r)
     colmax = torch.full((2, 1 + n_rb, n_protos), float("nan"))
     colsum = torch.full_like(colmax, float("nan"))
-    slots = torch.tensor([1, -1, 0], dtype=torch.int32)  # group 2 -> slot 0, group 0 -> slot 1
+    slots = [1, -1, 0]  # group 2 -> slot 0, group 0 -> slot 1
     scores, inv_x, inv_w, rowmax, rowsum = prototype_scores(
         x, w, col_slots=slots, colmax=colmax, colsum=colsum, col_block_offset=1,
         epsilon=eps, row_stats=True, temperature=temp, precision=precision,
@@ -93,7 +93,7 @@ def test_scores_kernel_scores_norms_and_statistics(dtype, precision):
     # a non-participating segment (unfilled queue): no max, no mass
     colmax.fill_(float("nan"))
     colsum.fill_(float("nan"))
-    prototype_scores(x[:2], w, store_scores=False, col_slots=torch.tensor([0, 1], dtype=torch.int32),
+    prototype_scores(x[:2], w, store_scores=False, col_slots=[0, 1],
                      col_weight=torch.tensor(0.0), colmax=colmax, colsum=colsum,
                      col_block_offset=0, block_r=block_r, block_k=block_k)
     assert torch.isneginf(colmax[:, :n_rb]).all() and (colsum[:, :n_rb] == 0).all()
@@ -116,7 +116,7 @@ def test_sinkhorn_kernels_match_scaling_formula(valid):
     colmax = torch.stack([seg[weight > 0].amax(dim=0) for seg in segments])
     u = torch.rand(2, n_protos) / n_protos
     v = torch.rand(2, q_len + batch) * weight.float()
-    args = (scores, queue_scores, torch.tensor(assign, dtype=torch.int32), torch.tensor(valid), colmax)
+    args = (scores, queue_scores, assign, torch.tensor(valid), colmax)
     for offset in (0, q_len):
         c_part = sinkhorn_row_sums(*args, u, batch=batch, row_offset=offset, epsilon=eps,
                                    block_r=16, block_k=32)
@@ -193,7 +193,7 @@ def test_cross_entropy_backward_kernel(out_dtype):
     loss = swapped_prediction_loss(scores, codes, n_crops, assign, temp)
     (want,) = torch.autograd.grad(loss, scores, grad_out)
     lse = torch.logsumexp(scores.detach() / temp, dim=1)
-    slot_of_crop = torch.tensor([-1, 1, -1, 0, -1], dtype=torch.int32)
+    slot_of_crop = [-1, 1, -1, 0, -1]
     unit = out_dtype != torch.float32
     got = swapped_ce_backward(grad_out, scores.detach(), lse, slot_of_crop, codes,
                               codes.sum(dim=2), n_crops=n_crops, temperature=temp, block_r=16,

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from .loss import check_crop_layout
 from ..profiling import nvtx_range
-from fastswav.kernels._common import DEFAULT_PRECISION, PRECISIONS  # torch only, no Triton
+from fastswav.kernels._common import DEFAULT_PRECISION, PRECISIONS, layout_error  # torch only
 from .sinkhorn import all_reduce_
 
 
@@ -68,21 +68,6 @@ def _group_key(group) -> int:
 
 def _group(key: int):
     return None if key == 0 else _GROUPS[key]
-
-
-# --- small index tensors: made once per device, so a step copies nothing from the host --
-_INDEX_CACHE: "dict[tuple, torch.Tensor]" = {}
-
-
-def _device_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    """An int32 tensor of ``values`` on ``device``, cached: the one host-to-device copy
-    happens on the first call (a warm-up step, before any CUDA graph is captured)."""
-    key = (tuple(int(v) for v in values), device)
-    cached = _INDEX_CACHE.get(key)
-    if cached is None:
-        cached = torch.tensor(key[0], dtype=torch.int32, device=device)
-        _INDEX_CACHE[key] = cached
-    return cached
 
 
 def _slot_of_crop(n_crops: int, crops_for_assign: Sequence[int]) -> List[int]:
@@ -133,7 +118,7 @@ def _forward_impl(embeddings, prototypes, queue, queue_valid, n_crops, crops_for
                   block_d=tiles.score_d, num_warps=tiles.scores.warps)
     scores, inv_x, inv_w, rowmax, rowsum = prototype_scores(
         embeddings.view(n_crops, batch, dim), prototypes,
-        col_slots=_device_ints(_slot_of_crop(n_crops, crops_for_assign), device),
+        col_slots=_slot_of_crop(n_crops, crops_for_assign),
         colmax=colmax, colsum=colsum, col_block_offset=n_qb, row_stats=True,
         temperature=temperature, **common)
     scores = scores.view(n_rows, n_protos)
@@ -143,7 +128,7 @@ def _forward_impl(embeddings, prototypes, queue, queue_valid, n_crops, crops_for
         valid = (queue_valid.to(device=device, dtype=torch.float32).reshape(())
                  if queue_valid is not None else torch.ones((), device=device))
         queue_scores, _, _, _, _ = prototype_scores(
-            queue, prototypes, col_slots=_device_ints(range(n_slots), device), col_weight=valid,
+            queue, prototypes, col_slots=list(range(n_slots)), col_weight=valid,
             colmax=colmax, colsum=colsum, col_block_offset=0, **common)
     else:
         queue_scores = valid = None
@@ -185,7 +170,7 @@ def sinkhorn_and_loss(scores, lse, colmax, colsum, queue_scores, valid, *, n_cro
     if tiles is None:
         tiles = _tiles(scores, batch=batch, n_protos=n_protos, n_crops=n_crops,
                        n_assign=n_slots, queue_len=q_len)
-    assign = _device_ints(crops_for_assign, device)
+    assign = list(crops_for_assign)
     if has_queue:
         if valid is None:
             valid = torch.ones((), device=device)
@@ -319,7 +304,6 @@ def _backward_impl(grad_loss, embeddings, prototypes, scores, codes, code_sum, l
     """Gradients of the loss w.r.t. the raw embeddings and (straight-through) prototypes."""
     from fastswav.kernels.swapped_ce import loss_scale, swapped_ce_backward
 
-    device = embeddings.device
     batch = scores.shape[0] // n_crops
     n_slots = len(crops_for_assign)
     tile = _tiles(scores, batch=batch, n_protos=scores.shape[1], n_crops=n_crops,
@@ -327,7 +311,7 @@ def _backward_impl(grad_loss, embeddings, prototypes, scores, codes, code_sum, l
     grad_loss = grad_loss.to(torch.float32).reshape(()).contiguous()
     low = _BACKWARD_DTYPE.get(precision)
     grad_scores = swapped_ce_backward(
-        grad_loss, scores, lse, _device_ints(_slot_of_crop(n_crops, crops_for_assign), device),
+        grad_loss, scores, lse, _slot_of_crop(n_crops, crops_for_assign),
         codes, code_sum, n_crops=n_crops, temperature=temperature, block_r=tile.rows,
         block_k=tile.cols, num_warps=tile.warps, out_dtype=low or torch.float32,
         unit_scale=low is not None)
@@ -438,6 +422,9 @@ def swav_loss_fused(
             f"embedding dim {embeddings.shape[1]} != prototype dim {prototypes.shape[1]}"
         )
     check_crop_layout(embeddings.shape[0], n_crops, crops_for_assign)
+    too_large = layout_error(n_crops, crops_for_assign)
+    if too_large:
+        raise ValueError(too_large + " (swav_loss takes the reference for such layouts)")
     if epsilon <= 0:
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
     if sinkhorn_iterations < 0:

@@ -115,7 +115,7 @@ def sinkhorn_knopp_reference(logits, temperature, iterations=3, group=None, n_va
     n_rows, n_protos = x.shape
     valid = _valid_rows(n_rows, n_valid, x.device)
     inv_t = 1.0 / temperature
-    neg_inf = torch.tensor(float("-inf"), device=x.device, dtype=x.dtype)
+    neg_inf = torch.full((), float("-inf"), device=x.device, dtype=x.dtype)
     if valid is not None:  # padded rows may hold anything (inf, NaN): they take no part
         x = torch.where(valid[:, None], x, neg_inf)
     global_max = _finite_or_zero(_dist_max(x.amax(dim=0), group))
