@@ -37,6 +37,7 @@ class Config:
     hidden_dim: int = field(default=2048, metadata={"help": "projection head hidden width (0: linear head)"})
     out_dim: int = field(default=128, metadata={"help": "embedding dimension"})
     n_prototypes: int = field(default=3000, metadata={"help": "number of prototypes K"})
+    checkpoint_activations: bool = field(default=False, metadata={"help": "recompute the trunk's block activations in backward instead of keeping them (less memory, about a third more trunk compute)"})
     channels_last: bool = field(default=True, metadata={"help": "NHWC memory format for the trunk on CUDA (ignored on the CPU, where torch 2.14's oneDNN NHWC convolutions gave run-to-run differences)"})
     sync_bn: bool = field(default=True, metadata={"help": "SyncBatchNorm across CUDA processes"})
     sync_bn_group_size: int = field(default=0, metadata={"help": "processes per SyncBatchNorm group (0: all; must divide the process count)"})
@@ -51,7 +52,8 @@ class Config:
     # optimisation
     epochs: int = field(default=100, metadata={"help": "training epochs"})
     steps_per_epoch: int = field(default=0, metadata={"help": "cap on steps per epoch (0: the whole dataset)"})
-    batch_size: int = field(default=64, metadata={"help": "images per process per step"})
+    batch_size: int = field(default=64, metadata={"help": "images per process per forward pass (micro-batch); Sinkhorn balances the codes over batch_size x processes images"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches whose gradients add up to one optimizer step: the optimizer's global batch is batch_size x processes x grad_accum (the learning-rate scaling and schedule use it), Sinkhorn and BatchNorm see one micro-batch"})
     base_lr: float = field(default=4.8, metadata={"help": "peak learning rate"})
     final_lr: float = field(default=0.0048, metadata={"help": "learning rate at the end of the cosine"})
     lr_reference_batch: int = field(default=0, metadata={"help": "global batch base_lr is set for; lr scales linearly with the real one (0: no scaling)"})
@@ -96,7 +98,7 @@ class Config:
         for c in self.crops_for_assign:
             if not 0 <= c < sum(self.n_crops):
                 raise ValueError(f"crops_for_assign entry {c} is not a crop index (0..{sum(self.n_crops) - 1})")
-        positive = ("batch_size", "epochs", "n_prototypes", "out_dim", "log_every", "knn_k")
+        positive = ("batch_size", "grad_accum", "epochs", "n_prototypes", "out_dim", "log_every", "knn_k")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -126,6 +128,10 @@ class Config:
     @property
     def total_crops(self) -> int:
         return sum(self.n_crops)
+
+    def global_batch(self, world_size: int) -> int:
+        """Images per optimizer step over all processes."""
+        return self.batch_size * world_size * self.grad_accum
 
     def to_dict(self) -> Dict[str, typing.Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
@@ -182,10 +188,16 @@ PRESETS: Dict[str, Tuple[str, Dict[str, typing.Any]]] = {
     "400ep_2x224": ("official RN50, 400 epochs, 2x224 crops only (scale 0.08-1), global batch 4096",
                     dict(_IMAGENET_4096, epochs=400, n_crops=(2,), size_crops=(224,),
                          min_scale_crops=(0.08,), max_scale_crops=(1.0,))),
-    "100ep_fast": ("the official 100-epoch recipe on 8 GPUs x 512; lr scales with the global batch",
-                   # compile "default": the mode bench_train.py is to confirm on a GPU.
-                   dict(_IMAGENET_4096, epochs=100, batch_size=512, lr_reference_batch=4096,
-                        compile="default")),
+    "100ep_fast": (
+        "the official 100-epoch recipe (global batch 4096) on 8 GPUs: 256 images per GPU x 2 "
+        "accumulated micro-batches, plain BatchNorm per GPU, compiled; lr scales with the global batch",
+        # 512 images per GPU do not fit an 80 GB card (python -m fastswav.info --memory);
+        # 256 x 2 keeps the optimizer's batch and schedule. Plain BatchNorm: SyncBatchNorm
+        # breaks the compiled graph, and 256 images (x 8 crops) per GPU give the statistics
+        # the official run got from synchronising 64-image GPUs (docs/memory.md).
+        # compile "default": the mode bench_train.py is to confirm on a GPU.
+        dict(_IMAGENET_4096, epochs=100, batch_size=256, grad_accum=2, lr_reference_batch=4096,
+             sync_bn=False, compile="default")),
     "cifar10_speedrun": (
         "CIFAR-10 on one GPU in minutes: ResNet-18 (small-image stem), data resident on the GPU, 2x32 + 4x16 crops",
         # The demo's crops and optimiser scaled to a full-width ResNet-18 and a GPU-sized
@@ -214,6 +226,7 @@ RESUME_MAY_CHANGE = frozenset({
     "sync_bn_group_size", "compile", "ddp_bucket_mb", "device", "output_dir",
     "keep_checkpoints", "log_every", "tensorboard", "nvtx", "profile", "knn_at_end", "knn_k",
     "knn_temperature", "knn_max_train", "knn_max_test", "loss_precision",
+    "checkpoint_activations",
 })
 
 
@@ -239,14 +252,19 @@ def resume_differences(saved: Dict[str, typing.Any], cfg: Config, saved_world_si
             same = len(old) == len(new) and all(a == b for a, b in zip(old, new))
         else:
             same = old == new
+        if name == "grad_accum" and saved_world_size and "batch_size" in saved:
+            continue  # judged with batch_size: the global batch is what must stay
         if name == "batch_size" and saved_world_size:
-            old_global, new_global = old * saved_world_size, new * world_size
+            old_accum, new_accum = saved.get("grad_accum", 1), now["grad_accum"]
+            old_global = old * saved_world_size * old_accum
+            new_global = new * world_size * new_accum
             if old_global != new_global:
-                blocking.append(f"global batch {old} x {saved_world_size} = {old_global} -> "
-                                f"{new} x {world_size} = {new_global}")
-            elif saved_world_size != world_size:
+                blocking.append(f"global batch {old} x {saved_world_size} x {old_accum} = "
+                                f"{old_global} -> {new} x {world_size} x {new_accum} = {new_global}")
+            elif saved_world_size != world_size or old != new:
                 allowed.append(f"processes {saved_world_size} -> {world_size} "
-                               f"(batch per process {old} -> {new}, global {new_global})")
+                               f"(batch per process {old} -> {new}, accumulation {old_accum} -> "
+                               f"{new_accum}, global {new_global})")
             continue
         if same:
             continue

@@ -98,7 +98,8 @@ def gpus() -> List[dict]:
         props = torch.cuda.get_device_properties(i)
         found.append({"index": i, "name": props.name,
                       "compute_capability": f"{props.major}.{props.minor}",
-                      "memory_gib": round(props.total_memory / 2**30, 1)})
+                      "memory_gib": round(props.total_memory / 2**30, 1),
+                      "memory_bytes": int(props.total_memory)})
     return found
 
 
@@ -415,11 +416,56 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--no-build", action="store_true",
                         help="do not build fastswav._C on first use; only look for it")
+    memory = parser.add_argument_group(
+        "memory", "--memory [--preset NAME] [--processes N] [--field=value ...]: the peak "
+        "memory per training process of a recipe, by part, against each visible GPU (an 80 GB "
+        "card where there is none); the trainer stops before its first step where it does not fit")
+    memory.add_argument("--memory", action="store_true", help="print the memory estimate of a recipe")
+    memory.add_argument("--preset", default=None, help="recipe (default: the demo)")
+    memory.add_argument("--processes", type=int, default=1,
+                        help="training processes the recipe runs on (the queue is split over them)")
+    memory.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="where the recipe would train (cuda: bf16 autocast)")
     return parser
 
 
+def memory_report(preset_name: Optional[str], overrides: Sequence[str], processes: int,
+                  device_type: str) -> str:
+    """The text of ``--memory``: the estimate by part and a verdict per card."""
+    from .config import DEFAULT_PRESET, parse_value, preset
+    from .memory import CARD_80GB_BYTES, estimate, format_estimate
+
+    name = preset_name or DEFAULT_PRESET
+    changes = {}
+    for token in overrides:
+        field, eq, value = token[2:].partition("=") if token.startswith("--") else ("", "", "")
+        if not eq:
+            raise ValueError(f"unexpected argument {token!r}; overrides take the form --field=value")
+        field = field.replace("-", "_")
+        changes[field] = parse_value(field, value)
+    cfg = preset(name).replace(**changes)
+    if processes < 1:
+        raise ValueError(f"--processes must be >= 1, got {processes}")
+    cards = [(f"cuda:{g['index']} {g['name']}", int(g["memory_bytes"])) for g in gpus()] \
+        if device_type == "cuda" else []
+    label = f"preset {name}" + (f" with {' '.join(overrides)}" if overrides else "") + \
+        f", {processes} process(es)"
+    return format_estimate(estimate(cfg, processes, device_type), cfg, label,
+                           cards or ([("an 80 GB card", CARD_80GB_BYTES)] if device_type == "cuda" else []))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not args.memory:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.memory:
+        try:
+            print(memory_report(args.preset, rest, args.processes, args.device), flush=True)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return EXIT_OK
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     report = collect(run_checks=args.check, build=not args.no_build)

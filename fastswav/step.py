@@ -3,6 +3,9 @@
 The step: renormalise the prototype rows in place -> multi-crop forward (the trunk once per
 resolution group) -> SwAV loss (queue read and pushed inside) -> backward -> optimizer.
 Nothing in it reads a value back to the host: the loss is returned as a device tensor.
+With gradient accumulation the step takes several multi-crop micro-batches: forward, loss
+and backward run for each (DDP synchronises the gradients in the last backward only), then
+one optimizer step.
 
 ``compile_mode`` (``none``, or a ``torch.compile`` mode: ``default``, ``reduce-overhead``,
 ``max-autotune``, ``max-autotune-no-cudagraphs``) compiles the forward and the loss as one
@@ -76,23 +79,37 @@ class TrainStep:
             queue._static_for_graphs = True
         torch.compiler.cudagraph_mark_step_begin()
 
-    def __call__(self, crops: List[torch.Tensor], queue, lr: float, freeze_prototypes: bool):
+    def __call__(self, crops, queue, lr: float, freeze_prototypes: bool):
+        """One optimizer step over ``crops``: one multi-crop batch (a list of crop tensors),
+        or a list of such micro-batches whose gradients are accumulated (each runs its own
+        Sinkhorn and pushes into the queue; the loss of each is divided by their number, so
+        the gradient is their mean). Returns the mean loss and the last micro-batch's
+        embeddings."""
+        micro_batches = [crops] if isinstance(crops[0], torch.Tensor) else list(crops)
         graphs = self.compile_mode == "reduce-overhead"
-        if graphs:
-            self._prepare_cuda_graphs(queue)
         prototypes = unwrap(self.model).prototypes.weight
         normalize_prototypes_(prototypes)
         set_lr(self.optimizer, lr)
-        # Compiled, the inner ranges are gone (no Python calls in the graph): one range instead.
-        with nvtx_range("forward+loss") if self.compile_mode != "none" else contextlib.nullcontext():
-            loss, embeddings = self._forward_loss(crops, prototypes, queue)
         self.optimizer.zero_grad(set_to_none=True)
-        with nvtx_range("backward"):
-            loss.backward()
+        n = len(micro_batches)
+        total = None
+        for i, batch in enumerate(micro_batches):
+            if graphs:
+                self._prepare_cuda_graphs(queue)
+            # DDP all-reduces the gradients in the last micro-batch's backward only.
+            no_sync = getattr(self.model, "no_sync", None) if i < n - 1 else None
+            with no_sync() if no_sync is not None else contextlib.nullcontext():
+                # Compiled, the inner ranges are gone (no Python calls in the graph): one range.
+                with nvtx_range("forward+loss") if self.compile_mode != "none" else contextlib.nullcontext():
+                    loss, embeddings = self._forward_loss(batch, prototypes, queue)
+                with nvtx_range("backward"):
+                    (loss / n if n > 1 else loss).backward()
+            # graph outputs are overwritten by the next replay: keep copies
+            loss = loss.detach().clone() if graphs else loss.detach()
+            total = loss if total is None else total + loss
         if freeze_prototypes:
             prototypes.grad = None  # the official freeze: no update, no momentum, no decay
         with nvtx_range("optimizer"):
             self.optimizer.step()
-        if graphs:  # graph outputs are overwritten by the next replay
-            return loss.detach().clone(), embeddings.detach().clone()
-        return loss.detach(), embeddings.detach()
+        mean = total / n if n > 1 else total
+        return mean, embeddings.detach().clone() if graphs else embeddings.detach()

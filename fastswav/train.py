@@ -154,7 +154,7 @@ def scaled_lr(cfg: Config, world_size: int) -> Tuple[float, float, float]:
     """(base, final, warm-up start) learning rates for the real global batch."""
     factor = 1.0
     if cfg.lr_reference_batch:
-        factor = cfg.batch_size * world_size / cfg.lr_reference_batch
+        factor = cfg.global_batch(world_size) / cfg.lr_reference_batch
     return cfg.base_lr * factor, cfg.final_lr * factor, cfg.start_warmup * factor
 
 
@@ -221,11 +221,11 @@ def build_data(cfg: Config, dist_info: DistInfo, device: torch.device):
                              "image folder or a .beton), or run once on a machine with internet "
                              "access so torchvision can download CIFAR-10") from None
         raise UsageError(str(exc)) from None
-    need = cfg.batch_size * dist_info.world_size
+    need = cfg.global_batch(dist_info.world_size)
     if len(source) < need:
         raise UsageError(
-            f"batch size {cfg.batch_size} x {dist_info.world_size} process(es) needs at least "
-            f"{need} images, {cfg.data} has {len(source)}"
+            f"batch size {cfg.batch_size} x {dist_info.world_size} process(es) x {cfg.grad_accum} "
+            f"accumulated needs at least {need} images, {cfg.data} has {len(source)}"
         )
     crop_args = dict(size_crops=cfg.size_crops, n_crops=cfg.n_crops, min_scale=cfg.min_scale_crops,
                      max_scale=cfg.max_scale_crops, blur_prob=cfg.blur_prob,
@@ -379,9 +379,26 @@ def find_resume_state(cfg: Config, run_dir: Path, dist_info: DistInfo, device: t
     return ckpt, state
 
 
+def check_memory(cfg: Config, device: torch.device, dist_info: DistInfo) -> None:
+    """Log the per-process memory estimate; on a GPU it cannot hold, stop before the first
+    step with one line (a UsageError)."""
+    from .memory import device_capacity, does_not_fit, estimate, gib
+
+    est = estimate(cfg, dist_info.world_size, device.type)
+    capacity = device_capacity(device)
+    if dist_info.is_main:
+        where = f" of {gib(capacity[1])} on {capacity[0]}" if capacity else ""
+        print(f"memory estimate: {gib(est.total)} per process{where} ({gib(est.activations)} "
+              f"activations for {est.batch} images per micro-batch)", flush=True)
+    refusal = does_not_fit(est, cfg, capacity) if capacity else None
+    if refusal:
+        raise UsageError(refusal)
+
+
 def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist_info: DistInfo) -> dict:
     run_dir = Path(cfg.output_dir)
     main = dist_info.is_main
+    check_memory(cfg, device, dist_info)  # before anything is written
     # Before config.json is rewritten: it holds the recipe the checkpoints were trained with.
     ckpt, state = find_resume_state(cfg, run_dir, dist_info, device) if resume else (None, None)
     if not resume and main:
@@ -398,12 +415,15 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
         print(f"fastswav: preset {preset_name}, {dist_info.world_size} process(es) on {device}; "
               f"run folder {run_dir}\nconfig: " + textwrap.fill(fields_text, 100, subsequent_indent="  "),
               flush=True)
+    if device.type == "cuda":
+        # Fixed multi-crop shapes: let cuDNN time its algorithms once per shape (official too).
+        torch.backends.cudnn.benchmark = True
     seed_everything(cfg.seed)
     window = parse_window(cfg.profile)
     enable_nvtx(cfg.nvtx or window is not None)
 
     source, loader = build_data(cfg, dist_info, device)
-    iters_per_epoch = len(source) // (cfg.batch_size * dist_info.world_size)
+    iters_per_epoch = len(source) // cfg.global_batch(dist_info.world_size)
     if cfg.steps_per_epoch:
         iters_per_epoch = min(iters_per_epoch, cfg.steps_per_epoch)
     base_lr, final_lr, start_warmup = scaled_lr(cfg, dist_info.world_size)
@@ -499,7 +519,7 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
                     loop.queue = FeatureQueue(len(cfg.crops_for_assign), queue_len, cfg.out_dim,
                                               device=device)
                 model.train()
-                loader.set_epoch(epoch, start_batch=first)
+                loader.set_epoch(epoch, start_batch=first * cfg.grad_accum)
                 last_loss, stopped_at = _train_epoch(loop, epoch, first)
                 if stopped_at is not None:
                     raise Preempted(save(epoch, stopped_at), loop.preemption.signal_name)
@@ -536,6 +556,25 @@ def _code_entropy(loop: _Loop, embeddings: torch.Tensor) -> float:
     return code_entropy_ratio(codes)
 
 
+def _next_micro_batches(loop: _Loop, batches) -> Optional[list]:
+    """The ``grad_accum`` multi-crop batches of one optimizer step, on the device, as
+    ``(crops, n_skipped)`` pairs; None when the loader runs out first."""
+    cfg, device = loop.cfg, loop.device
+    micro_batches = []
+    for _ in range(cfg.grad_accum):
+        with nvtx_range("data"):
+            try:
+                crops, n_skipped = next(batches)
+            except StopIteration:
+                return None
+        with nvtx_range("h2d"):
+            crops = [c.to(device, non_blocking=True) for c in crops]
+            if use_channels_last(cfg, device):
+                crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+        micro_batches.append((crops, n_skipped))
+    return micro_batches
+
+
 def _train_epoch(loop: _Loop, epoch: int, first_step: int) -> Tuple[float, Optional[int]]:
     """Steps ``first_step..`` of ``epoch``. Returns (mean logged loss, None), or
     (that, steps done) when a preemption signal asks to stop mid-epoch."""
@@ -551,24 +590,21 @@ def _train_epoch(loop: _Loop, epoch: int, first_step: int) -> Tuple[float, Optio
     for step_in_epoch in range(first_step, loop.iters_per_epoch):
         iteration = epoch * loop.iters_per_epoch + step_in_epoch
         loop.window.before_iteration(iteration)
-        with nvtx_range("data"):
-            try:
-                crops, n_skipped = next(batches)
-            except StopIteration:
-                break
+        micro_batches = _next_micro_batches(loop, batches)
+        if micro_batches is None:
+            break
         lr = learning_rate(iteration, loop.iters_per_epoch, cfg.epochs, base_lr, final_lr,
                            cfg.warmup_epochs, start_warmup)
-        with nvtx_range("h2d"):
-            crops = [c.to(device, non_blocking=True) for c in crops]
-            if use_channels_last(cfg, device):
-                crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
         step_start = time.perf_counter() if loop.first_step_seconds is None else None
-        loss, embeddings = loop.step(crops, loop.queue, lr, iteration < cfg.freeze_prototypes_niters)
+        loss, embeddings = loop.step([crops for crops, _ in micro_batches], loop.queue, lr,
+                                     iteration < cfg.freeze_prototypes_niters)
         loop.nonfinite.update(loss, iteration)
         if step_start is not None:  # includes compilation when compiling
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the step's work, not the host's enqueueing
             loop.first_step_seconds = time.perf_counter() - step_start
-        images += crops[0].shape[0] * dist_info.world_size
-        skipped += int(n_skipped)
+        images += sum(crops[0].shape[0] for crops, _ in micro_batches) * dist_info.world_size
+        skipped += sum(int(n) for _, n in micro_batches)
         bar.update(1)
         log_step = (step_in_epoch + 1) % cfg.log_every == 0 or step_in_epoch + 1 == loop.iters_per_epoch
         if log_step:

@@ -1,0 +1,255 @@
+"""Per-process peak memory of a training recipe, known before the first step.
+
+The tensors a step keeps for its backward are measured on the model itself: its forward
+runs on fake tensors (``FakeTensorMode``: shapes and dtypes, no memory, no device needed)
+at two small batches under saved-tensor hooks, and the bytes grow linearly with the batch
+from there. On CUDA the step runs under bf16 autocast, so the fake model computes in bf16
+there (same saved dtypes: bf16 activations, float32 statistics); on the CPU in float32.
+With activation checkpointing only the inputs of the checkpointed blocks stay, plus one
+block's activations while it is recomputed.
+
+The rest is counted: float32 parameters, gradients (DDP uses them as its buckets) and the
+optimizer's momentum; autocast's bf16 weight copies; the crops of the step's micro-batches
+and of the batch being loaded; the loss's score matrices; the feature queue. A margin
+covers what is neither: the backward's transient tensors (10 % of the activations) and, on
+a GPU, the CUDA context, cuDNN/cuBLAS workspaces and the caching allocator's slack (1.5 GiB).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+GiB = 2 ** 30
+# The backward's transient tensors (the gradient of the activation being processed, the
+# temporaries of each op's backward), as a share of the saved activations.
+TRANSIENT_FRACTION = 0.10
+# CUDA context, cuDNN/cuBLAS workspaces and the caching allocator's slack, on a GPU.
+GPU_RESERVED_BYTES = int(1.5 * GiB)
+# An "80 GB" card (H100 80GB, A100 80GB): 80e9 bytes, 74.5 GiB.
+CARD_80GB_BYTES = 80 * 10 ** 9
+# Presets must leave this share of an 80 GB card free by the estimate.
+PRESET_HEADROOM = 0.15
+_PROBE_BATCHES = (2, 4)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one training process holds at its peak, by part."""
+
+    device_type: str
+    batch: int                  # images per micro-batch
+    activations_per_image: int  # saved for backward, per multi-crop image
+    activations: int
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    weight_copies: int          # autocast's bf16 copies of the weights (CUDA)
+    inputs: int                 # crops of the step's micro-batches + the one being loaded
+    loss: int                   # score matrices of the loss, forward and backward
+    queue: int
+    transients: int
+    reserved: int               # CUDA context, workspaces, allocator slack (GPU only)
+
+    @property
+    def total(self) -> int:
+        return (self.activations + self.parameters + self.gradients + self.optimizer_state
+                + self.weight_copies + self.inputs + self.loss + self.queue + self.transients
+                + self.reserved)
+
+    def rows(self) -> List[Tuple[str, int]]:
+        return [
+            ("activations saved for backward", self.activations),
+            ("parameters", self.parameters),
+            ("gradients", self.gradients),
+            ("optimizer state", self.optimizer_state),
+            ("bf16 weight copies (autocast)", self.weight_copies),
+            ("input crops", self.inputs),
+            ("loss scores", self.loss),
+            ("feature queue", self.queue),
+            ("backward transients (10% of activations)", self.transients),
+            ("CUDA context, workspaces, allocator slack", self.reserved),
+        ]
+
+    def fits(self, capacity: int, headroom: float = 0.0) -> bool:
+        return self.total <= capacity * (1.0 - headroom)
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    return StorageWeakRef(t.untyped_storage()).cdata
+
+
+def _measure_saved(model: nn.Module, crops: List[torch.Tensor], units: List[nn.Module],
+                   checkpointed: bool) -> int:
+    """Bytes of the distinct storages the forward of ``crops`` saves for backward, leaving
+    out the parameters; with ``checkpointed``, what stays when each unit keeps only its
+    inputs (plus the largest unit's own activations, alive while it is recomputed)."""
+    params = {_storage_key(p) for p in model.parameters()}
+    outside, inputs, per_unit = {}, {}, []
+    active: List[int] = []
+
+    def pack(t):
+        key = _storage_key(t)
+        if key not in params:
+            target = per_unit[active[0]] if active else outside
+            target[key] = t.untyped_storage().nbytes()
+        return t
+
+    def pre(index):
+        def hook(module, args):
+            if not active:
+                for a in args:
+                    if isinstance(a, torch.Tensor):
+                        inputs[_storage_key(a)] = a.untyped_storage().nbytes()
+            active.append(index)
+        return hook
+
+    def post(module, args, output):
+        active.pop()
+
+    handles = []
+    for i, unit in enumerate(units):
+        per_unit.append({})
+        handles.append(unit.register_forward_pre_hook(pre(i)))
+        handles.append(unit.register_forward_hook(post))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(crops)
+    finally:
+        for h in handles:
+            h.remove()
+    if not checkpointed:
+        everything = dict(outside)
+        for unit_saved in per_unit:
+            everything.update(unit_saved)
+        return sum(everything.values())
+    kept = dict(outside)
+    kept.update(inputs)
+    largest = max((sum(u.values()) for u in per_unit), default=0)
+    return sum(kept.values()) + largest
+
+
+def activation_bytes(cfg, device_type: str = "cuda") -> Tuple[int, int]:
+    """(bytes at batch 0, bytes per image) the step saves for backward, measured on the
+    model of ``cfg`` on fake tensors at two small batches (no memory, any machine)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .model import build_model, checkpoint_units
+
+    dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+    plain = cfg.replace(checkpoint_activations=False)
+    previous = torch.get_default_dtype()
+    with FakeTensorMode(), torch.device(device_type):
+        torch.set_default_dtype(dtype)
+        try:
+            model = build_model(plain)
+        finally:
+            torch.set_default_dtype(previous)
+        model.train()
+        units = checkpoint_units(model.trunk)
+        measured = []
+        for batch in _PROBE_BATCHES:
+            crops = [torch.randn(batch, 3, size, size, dtype=dtype)
+                     for n, size in zip(cfg.n_crops, cfg.size_crops) for _ in range(n)]
+            measured.append(_measure_saved(model, crops, units, cfg.checkpoint_activations))
+    (b1, m1), (b2, m2) = zip(_PROBE_BATCHES, measured)
+    per_image = (m2 - m1) / (b2 - b1)
+    return max(int(m1 - b1 * per_image), 0), int(round(per_image))
+
+
+def estimate(cfg, world_size: int = 1, device_type: str = "cuda") -> MemoryEstimate:
+    """Peak bytes of one of ``world_size`` training processes of ``cfg`` on ``device_type``."""
+    from .model import build_model
+
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in build_model(cfg.replace(checkpoint_activations=False)).parameters())
+    fixed, per_image = activation_bytes(cfg, device_type)
+    batch = cfg.batch_size
+    activations = fixed + per_image * batch
+    pixels = sum(n * 3 * size * size for n, size in zip(cfg.n_crops, cfg.size_crops))
+    n_assign = len(cfg.crops_for_assign)
+    global_micro = cfg.batch_size * world_size
+    queue_rows = (cfg.queue_length - cfg.queue_length % global_micro) // world_size
+    gpu = device_type == "cuda"
+    return MemoryEstimate(
+        device_type=device_type,
+        batch=batch,
+        activations_per_image=per_image,
+        activations=activations,
+        parameters=4 * n_params,
+        gradients=4 * n_params,
+        optimizer_state=4 * n_params if cfg.momentum else 0,
+        weight_copies=2 * n_params if gpu else 0,
+        inputs=4 * pixels * batch * (cfg.grad_accum + 1),
+        loss=4 * cfg.n_prototypes * (2 * cfg.total_crops * batch + n_assign * (queue_rows + batch)),
+        queue=4 * n_assign * queue_rows * cfg.out_dim,
+        transients=int(TRANSIENT_FRACTION * activations),
+        reserved=GPU_RESERVED_BYTES if gpu else 0,
+    )
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def format_estimate(est: MemoryEstimate, cfg, label: str,
+                    capacities: Optional[List[Tuple[str, int]]] = None) -> str:
+    """The estimate by part, then a verdict against each ``(name, bytes)`` card (an 80 GB
+    card when none is given)."""
+    precision = "bf16 autocast" if est.device_type == "cuda" else "float32"
+    crops = " + ".join(f"{n}x{s}" for n, s in zip(cfg.n_crops, cfg.size_crops))
+    lines = [f"memory per process, {label}: {cfg.arch}, {est.batch} images per micro-batch"
+             f"{f' x {cfg.grad_accum} accumulated' if cfg.grad_accum > 1 else ''}, {crops} "
+             f"crops, {precision} on {est.device_type}"
+             f"{', activation checkpointing' if cfg.checkpoint_activations else ''}"]
+    for name, value in est.rows():
+        if value:
+            lines.append(f"  {name:<44} {gib(value):>10}")
+    lines.append(f"  {'total (estimate)':<44} {gib(est.total):>10}")
+    lines.append(f"  ({est.activations_per_image / 2 ** 20:.1f} MiB saved per multi-crop image, "
+                 f"measured on the model at {_PROBE_BATCHES[0]} and {_PROBE_BATCHES[1]} images)")
+    for name, capacity in capacities or [("an 80 GB card", CARD_80GB_BYTES)]:
+        free = 1.0 - est.total / capacity
+        if est.total > capacity:
+            lines.append(f"{name} ({gib(capacity)}): DOES NOT FIT, {gib(est.total - capacity)} "
+                         f"over; lower it with {ways_out(cfg)}")
+        else:
+            lines.append(f"{name} ({gib(capacity)}): fits, {free:.0%} left"
+                         + ("" if free >= PRESET_HEADROOM
+                            else f" (under the {PRESET_HEADROOM:.0%} headroom the presets keep)"))
+    return "\n".join(lines)
+
+
+def ways_out(cfg) -> str:
+    """What lowers the estimate, for an error line."""
+    ways = []
+    if cfg.batch_size > 1:
+        half = cfg.batch_size // 2
+        ways.append(f"--batch_size={half} --grad_accum={cfg.grad_accum * 2} "
+                    "(the same global batch)")
+    if not cfg.checkpoint_activations:
+        ways.append("--checkpoint_activations=true")
+    return " or ".join(ways) or "a card with more memory"
+
+
+def device_capacity(device: torch.device) -> Optional[Tuple[str, int]]:
+    """(name, total bytes) of a CUDA device; None elsewhere (host memory is not checked)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return f"{props.name} (cuda:{device.index or 0})", int(props.total_memory)
+
+
+def does_not_fit(est: MemoryEstimate, cfg, capacity: Tuple[str, int]) -> Optional[str]:
+    """The one-line refusal when ``est`` exceeds the card, else None."""
+    name, total = capacity
+    if est.total <= total:
+        return None
+    return (f"this recipe needs an estimated {gib(est.total)} per GPU ({gib(est.activations)} "
+            f"of activations for {est.batch} images per micro-batch) and {name} has "
+            f"{gib(total)}: use {ways_out(cfg)} (python -m fastswav.info --memory shows the "
+            "estimate by part)")
