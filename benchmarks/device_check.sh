@@ -255,7 +255,7 @@ fi
 
 collect_rows
 echo; echo "=== summary (also in $OUT/summary.txt; whole output in steps.log, rows in rows.csv)"
-grep -E "^(gpu|host|import|step) " "$SUMMARY"
+grep -E "^(gpu|host|import|build|step)[: ]" "$SUMMARY"
 echo "--- key lines"
 grep -E "^(PASSED|FAILED|ERROR)|(passed|failed|error)(,| in )|^(official_eager|fastswav_|100ep_fast)|graph break|^(eager|compiled|fused|fused_exact|fused_graph) |SKIPPED|skipped, |out of memory" "$LOG" | grep -v "^tests/" | tail -n 60
 say "DEVICE_CHECK stage $STAGE done in $(elapsed)s; ok:${OK:- none}; failed:${FAILED:- none}; skipped:${SKIPPED:- none}; $(( $(wc -l <"$ROWS") > 0 ? $(wc -l <"$ROWS") - 1 : 0 )) rows in rows.csv"
