@@ -5,7 +5,7 @@
 #   bash benchmarks/device_check.sh 1          # on the GPU machine (or STAGE=1)
 #   bash benchmarks/device_check.sh 2          # the rest; needs the data subsets (below)
 #   DEVICE_CHECK_DRY=1 bash benchmarks/device_check.sh 1   # dry run on a CPU (smoke options)
-#   bash benchmarks/device_check.sh prepare-data   # on the workstation: .devdata/ subsets
+#   bash benchmarks/device_check.sh prepare-data DIR   # on the workstation: .devdata/ subsets
 #
 # Stage 1 (the build, the CUDA tests, the headline benchmarks):
 #   install        60  pip install -e . without the extension (fastswav, fastswav.kernels)
@@ -32,9 +32,10 @@
 # Benchmarks and pytest end with os._exit once their results are written: with torch 2.11,
 # a process that compiled at several torch.compile sites could otherwise wait minutes at
 # exit (inductor's compile workers); each step's wall time is printed, so a wait would show.
-# Data for stage 2 (the device call carries no shared data): `prepare-data` writes
-# .devdata/imagenet-300.zip and .devdata/cifar10-12k.zip (about 45 MB; .devdata is ignored
-# by git), to be carried with the call; DATA_ZIP and CIFAR_ZIP override the paths.
+# Data for stage 2 (the device call carries only the checkout): `prepare-data DIR`, DIR
+# holding imagenet-sample-jpeg.zip and cifar10-jpeg.zip, writes .devdata/imagenet-300.zip
+# and .devdata/cifar10-12k.zip (about 43 MiB; .devdata is ignored by git), to be carried
+# with the call; DATA_ZIP and CIFAR_ZIP override the paths.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-${STAGE:-1}}
@@ -43,8 +44,13 @@ DATA_ZIP=${DATA_ZIP:-.devdata/imagenet-300.zip}
 CIFAR_ZIP=${CIFAR_ZIP:-.devdata/cifar10-12k.zip}
 
 if [ "$STAGE" = prepare-data ]; then
-  # Subsets of the shared zips, stored uncompressed like the originals.
-  exec "$PY" - "${SHARED_DATA:-../shared/data}" "$DATA_ZIP" "$CIFAR_ZIP" <<'EOF'
+  SOURCE_DIR=${2:-}
+  if [ ! -f "$SOURCE_DIR/imagenet-sample-jpeg.zip" ] || [ ! -f "$SOURCE_DIR/cifar10-jpeg.zip" ]; then
+    echo "error: prepare-data DIR: DIR must hold imagenet-sample-jpeg.zip and cifar10-jpeg.zip (got '$SOURCE_DIR')"
+    exit 2
+  fi
+  # Subsets of the two zips, stored uncompressed like the originals.
+  exec "$PY" - "$SOURCE_DIR" "$DATA_ZIP" "$CIFAR_ZIP" <<'EOF'
 import os, sys, zipfile
 shared, imagenet_out, cifar_out = sys.argv[1:4]
 
