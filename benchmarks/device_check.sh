@@ -20,7 +20,7 @@
 #   bench_loss     45  the official shape (B 256, K 3000, queue 3840): fused vs eager/compiled
 # Stage 2: a missing build is redone (on a fresh machine), then
 #   bench_train   170  official-style eager, 100ep_fast in reduce-overhead, fastswav eager
-#   bench_loss     90  the other official shapes and the sweep
+#   bench_loss     90  the official shapes (the stage 1 one again) and the sweep
 #   bench_teacher  50, bench_queue 20, bench_data 40 (DATA_ZIP), speedrun 70 (CIFAR_ZIP)
 #
 # A step runs under min(its limit, what is left of DEVICE_CHECK_BUDGET_S: 285 s per stage
@@ -249,7 +249,7 @@ else
     [ -f "$CIFAR_ZIP" ] && run_step speedrun 600 "$PY" benchmarks/speedrun_cifar10.py --data "$CIFAR_ZIP" --cpu-smoke
   else
     run_step bench_train 170 "$PY" benchmarks/bench_train.py --variants official_eager,100ep_fast,fastswav_eager --preset-modes reduce-overhead --warmup 8 --steps 20 --budget-s 0
-    run_step bench_loss 90 "$PY" benchmarks/bench_loss.py --shapes 256:3000:0,64:3000:3840,64:3000:0,256:1000:3840,256:10000:3840,256:30000:3840,512:3000:0 --reps 50
+    run_step bench_loss 90 "$PY" benchmarks/bench_loss.py --shapes 256:3000:3840,256:3000:0,64:3000:3840,64:3000:0,256:1000:3840,256:10000:3840,256:30000:3840,512:3000:0 --reps 50
     run_step bench_teacher 50 "$PY" benchmarks/bench_teacher.py --budget-s 40 --reps 50
     run_step bench_queue 20 "$PY" benchmarks/bench_queue.py --seconds 0.1 --repeats 3
     if [ -f "$DATA_ZIP" ]; then run_step bench_data 40 "$PY" benchmarks/bench_data.py --device cuda --quick --zip "$DATA_ZIP"
