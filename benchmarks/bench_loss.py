@@ -1,6 +1,7 @@
 """SwAV loss: fused Triton kernels vs the official-style eager loss vs torch.compile of it.
 
     python benchmarks/bench_loss.py                 # official shapes + sweep, on CUDA
+    python benchmarks/bench_loss.py --shapes 256:3000:3840   # chosen shapes (B:K:queue)
     python benchmarks/bench_loss.py --cpu-smoke     # tiny shapes on the CPU (dry run)
 
 "eager" is a faithful transcription of the official SwAV training-loop loss: one
@@ -27,6 +28,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 CPU_SMOKE = "--cpu-smoke" in sys.argv
@@ -275,6 +277,10 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="with --cpu-smoke: also time torch.compile (slow to compile on CPU)")
     parser.add_argument("--no-sweep", action="store_true", help="official shapes only")
+    parser.add_argument("--shapes", default=None,
+                        help="comma list of B:K:queue shapes to run instead (e.g. "
+                             "256:3000:3840,64:3000:0); the official ones also get the "
+                             "kernel-by-kernel table")
     parser.add_argument("--bandwidth-gbs", type=float, default=None,
                         help="card memory bandwidth, when the card is not in the table")
     parser.add_argument("--write-cpu", action="store_true",
@@ -310,23 +316,34 @@ def main(argv=None):
         variants["compiled"] = compiled
 
     n_crops, dim = 8, 128
-    if args.cpu_smoke:
+    official = [(b, 3000, q) for b in (256, 64) for q in (3840, 0)]
+    if args.shapes:
+        try:
+            configs = [tuple(int(v) for v in item.split(":")) for item in args.shapes.split(",")]
+        except ValueError:
+            configs = []
+        if not configs or any(len(c) != 3 or min(c[:2]) < 1 or c[2] < 0 for c in configs):
+            parser.error(f"--shapes {args.shapes!r}: expected B:K:queue[,B:K:queue...], "
+                         f"B and K >= 1, queue >= 0")
+        if args.cpu_smoke:
+            n_crops, dim = 4, 32
+    elif args.cpu_smoke:
         n_crops, dim = 4, 32
         configs = [(8, 96, 0), (8, 96, 40)]
     else:
-        configs = [(b, 3000, q) for b in (256, 64) for q in (3840, 0)]
+        configs = list(official)
         if not args.no_sweep:
             configs += [(256, k, 3840) for k in (1000, 10000, 30000)]
             configs += [(b, 3000, 0) for b in (32, 128, 512)]
     writer = ResultWriter("bench_loss", device)
     write = device.type == "cuda" or args.write_cpu
     print(f"device: {name}; torch {torch.__version__}", flush=True)
-    for i, (batch, n_protos, q_len) in enumerate(configs):
+    for batch, n_protos, q_len in configs:
         table = []
         inputs = run_config(variants, batch, n_protos, dim, n_crops, q_len, device, args.reps,
                             bandwidth, writer, table)
         print_table(table, bandwidth)
-        if device.type == "cuda" and i < 4:  # the official shapes, kernel by kernel
+        if device.type == "cuda" and (batch, n_protos, q_len) in official:  # kernel by kernel
             kernel_table(fused, *inputs, batch=batch, n_protos=n_protos, dim=dim,
                          n_crops=n_crops, q_len=q_len, card_name=name, writer=writer)
         if write:
@@ -341,4 +358,16 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+        exit_code = 0
+    except SystemExit:
+        raise  # argparse: nothing was compiled yet
+    except BaseException:  # noqa: BLE001 - reported, then the same quick exit
+        traceback.print_exc()
+        exit_code = 1
+    # Rows are written (each CSV append closes its file); flush and leave at once, skipping
+    # interpreter shutdown, where torch 2.11 could wait minutes for inductor's compile workers.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

@@ -29,6 +29,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 CPU_SMOKE = "--cpu-smoke" in sys.argv
@@ -216,4 +217,16 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+        exit_code = 0
+    except SystemExit:
+        raise  # argparse: nothing was compiled yet
+    except BaseException:  # noqa: BLE001 - reported, then the same quick exit
+        traceback.print_exc()
+        exit_code = 1
+    # Rows are written (each CSV append closes its file); flush and leave at once, skipping
+    # interpreter shutdown, where torch 2.11 could wait minutes for inductor's compile workers.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

@@ -5,9 +5,13 @@ Seen with torch 2.11: a process that compiled (inductor) at more than one site s
 TORCHINDUCTOR_COMPILE_THREADS=1 avoided it. This script starts a child process that
 compiles N small functions with inductor, one site each, and prints when the child's main
 returned and when the child process had exited; the difference is the exit delay.
+With ``--os-exit`` the child ends as the benchmark scripts do: output flushed, then
+``os._exit``, which skips interpreter shutdown (atexit handlers, the compile-worker pool's
+shutdown), so its exit delay is the process teardown alone.
 
     python benchmarks/compile_exit_probe.py                  # CPU, 2 sites
     python benchmarks/compile_exit_probe.py --device cuda --sites 3
+    python benchmarks/compile_exit_probe.py --device cuda --sites 3 --os-exit
     TORCHINDUCTOR_COMPILE_THREADS=1 python benchmarks/compile_exit_probe.py
 
 Exit status 1 when the exit delay is above --max-exit-s (default 30).
@@ -19,7 +23,7 @@ import sys
 import time
 
 
-def child(device, sites):
+def child(device, sites, os_exit):
     import torch
 
     x = torch.randn(64, 64, device=device)
@@ -34,6 +38,10 @@ def child(device, sites):
             torch.cuda.synchronize()
         print(f"site {i}: compiled and ran in {time.perf_counter() - start:.1f} s", flush=True)
     print(f"MAIN_DONE {time.time():.3f}", flush=True)
+    if os_exit:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def main(argv=None):
@@ -41,20 +49,24 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sites", type=int, default=2)
     parser.add_argument("--max-exit-s", type=float, default=30.0)
+    parser.add_argument("--os-exit", action="store_true",
+                        help="the child leaves with os._exit once its output is flushed")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(args.device, args.sites)
+        child(args.device, args.sites, args.os_exit)
         return 0
 
     import torch
 
     threads = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "(unset)")
     print(f"torch {torch.__version__}, Python {sys.version.split()[0]}, device {args.device}, "
-          f"{args.sites} sites, TORCHINDUCTOR_COMPILE_THREADS={threads}", flush=True)
+          f"{args.sites} sites, TORCHINDUCTOR_COMPILE_THREADS={threads}, child ends with "
+          f"{'os._exit' if args.os_exit else 'a normal exit'}", flush=True)
     start = time.time()
     proc = subprocess.run([sys.executable, __file__, "--child", "--device", args.device,
-                           "--sites", str(args.sites)], capture_output=True, text=True)
+                           "--sites", str(args.sites)] + (["--os-exit"] if args.os_exit else []),
+                          capture_output=True, text=True)
     ended = time.time()
     print(proc.stdout, end="")
     if proc.returncode != 0:
