@@ -36,7 +36,7 @@ from .faults import (EXIT_DIVERGED, EXIT_PREEMPTED, Diverged, NonFiniteTracker, 
                      Preempted, code_entropy_ratio, looks_collapsed)
 from .loss import SwAVLoss
 from .model import build_model
-from .ops.sinkhorn import sinkhorn_knopp
+from .ops.sinkhorn import swav_codes
 from .optim import LARS, lars_param_groups, learning_rate
 from .profiling import ProfileWindow, enable_nvtx, nvtx_range, parse_window
 from .queue import FeatureQueue
@@ -532,7 +532,7 @@ def _code_entropy(loop: _Loop, embeddings: torch.Tensor) -> float:
     crop = cfg.crops_for_assign[0]
     z = F.normalize(embeddings[crop * batch:(crop + 1) * batch].float(), dim=1)
     c = F.normalize(unwrap(loop.model).prototypes.weight.detach().float(), dim=1)
-    codes = sinkhorn_knopp(z @ c.t(), cfg.epsilon, cfg.sinkhorn_iterations)
+    codes = swav_codes(z @ c.t(), cfg.epsilon, cfg.sinkhorn_iterations)
     return code_entropy_ratio(codes)
 
 
