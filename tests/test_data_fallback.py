@@ -2,6 +2,7 @@
 first use), any --data path read as it is, and offline one line that names both ways out."""
 import os
 import urllib.error
+import zipfile
 
 import pytest
 
@@ -26,8 +27,10 @@ def test_the_default_reads_torchvision_cifar10_from_the_cache(tmp_path, monkeypa
     assert "torchvision's CIFAR-10" in out and "--data PATH" in out
 
 
-def test_a_given_zip_is_read_as_it_is(shared_data, monkeypatch):
-    zip_path = os.path.join(shared_data, "cifar10-jpeg.zip")
+def test_a_given_zip_is_read_as_it_is(tmp_path):
+    zip_path = str(tmp_path / "cifar10-jpeg.zip")
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        archive.writestr("train/cat/0000.jpg", b"")
     cfg, _, _ = parse_args(["--data", zip_path])
     assert (cfg.data, cfg.data_kind) == (zip_path, "auto")
 
