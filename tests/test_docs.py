@@ -178,7 +178,8 @@ def test_readme_preset_table_matches_the_code():
         assert row["compile"] == cfg.compile, name
         assert row["epochs"].split()[0] == str(cfg.epochs), name
         gpus = 1 if row["GPUs"] == "CPU" else int(row["GPUs"])
-        assert int(row["global batch"]) == cfg.batch_size * gpus, name
+        accumulation = getattr(cfg, "grad_accum", 1) or 1  # steps of gradient accumulation
+        assert int(row["global batch"]) == cfg.batch_size * gpus * accumulation, name
         if cfg.lr_reference_batch:
             assert int(row["global batch"]) == cfg.lr_reference_batch, name
 
