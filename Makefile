@@ -12,6 +12,11 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 CIFAR10_ZIP_BESIDE := ../shared/data/cifar10-jpeg.zip
 DATA ?= $(if $(wildcard $(CIFAR10_ZIP_BESIDE)),$(CIFAR10_ZIP_BESIDE),download:cifar10)
 PYTEST_ARGS ?=
+# The data tests read CIFAR-10 as a zip of JPEGs, cifar10-jpeg.zip, from this folder:
+# $FASTSWAV_SHARED_DATA when set, else the folder beside the repository that holds one, else
+# .data/. Where the zip is missing, `make test` writes it from torchvision's CIFAR-10
+# (downloaded once).
+TEST_DATA ?= $(or $(FASTSWAV_SHARED_DATA),$(if $(wildcard $(CIFAR10_ZIP_BESIDE)),$(patsubst %/,%,$(dir $(CIFAR10_ZIP_BESIDE))),.data))
 # FFCV (the decode-once loader, its tests and benchmarks; not the demo) builds from source
 # against these Debian packages.
 FFCV_SPEC ?= ffcv==1.0.2
@@ -50,11 +55,15 @@ ffcv: $(VENV)/.ffcv
 demo: install
 	$(PY) -m fastswav.train --data $(DATA)
 
-test: install ffcv
+# Written only where missing (never over the zip beside the repository).
+%/cifar10-jpeg.zip: | $(VENV)/.installed
+	$(PY) tests/make_cifar10_zip.py $@
+
+test: install ffcv $(TEST_DATA)/cifar10-jpeg.zip
 	@$(PY) -c "import fastswav._C" 2>/dev/null || { \
 	  echo "fastswav._C does not load in $(VENV) (built for another torch): rebuilding it"; \
 	  rm -f fastswav/_C*.so; $(PY) -m pip install -q --no-build-isolation --no-deps -e .; }
-	$(PY) -m pytest $(PYTEST_ARGS)
+	FASTSWAV_SHARED_DATA=$(TEST_DATA) $(PY) -m pytest $(PYTEST_ARGS)
 
 # --- The GPU machines' versions (torch 2.11, torchvision 0.26, triton 3.6; no ffcv, no nvtx) ---
 # `make compat-test` builds $(COMPAT_VENV) with them and runs the quick tests (-m "not slow").
