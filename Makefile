@@ -6,8 +6,17 @@ PY := $(VENV)/bin/python
 # The torch build this project is developed and tested with; override for another machine,
 # e.g. make test TORCH_SPEC="torch torchvision".
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-DATA ?= ../shared/data/cifar10-jpeg.zip
+# CIFAR-10 for the demo: the zip of JPEGs beside the repository when there is one (read
+# offline), else the preset's default (torchvision's CIFAR-10, downloaded once into
+# ~/.cache/fastswav/data). `make demo DATA=/path/to/cifar10-jpeg.zip` for another copy.
+CIFAR10_ZIP_BESIDE := ../shared/data/cifar10-jpeg.zip
+DATA ?= $(if $(wildcard $(CIFAR10_ZIP_BESIDE)),$(CIFAR10_ZIP_BESIDE),download:cifar10)
 PYTEST_ARGS ?=
+# The data tests read CIFAR-10 as a zip of JPEGs, cifar10-jpeg.zip, from this folder:
+# $FASTSWAV_SHARED_DATA when set, else the folder beside the repository that holds one, else
+# .data/. Where the zip is missing, `make test` writes it from torchvision's CIFAR-10
+# (downloaded once).
+TEST_DATA ?= $(or $(FASTSWAV_SHARED_DATA),$(if $(wildcard $(CIFAR10_ZIP_BESIDE)),$(patsubst %/,%,$(dir $(CIFAR10_ZIP_BESIDE))),.data))
 # FFCV (the decode-once loader, its tests and benchmarks; not the demo) builds from source
 # against these Debian packages.
 FFCV_SPEC ?= ffcv==1.0.2
@@ -46,11 +55,15 @@ ffcv: $(VENV)/.ffcv
 demo: install
 	$(PY) -m fastswav.train --data $(DATA)
 
-test: install ffcv
+# Written only where missing (never over the zip beside the repository).
+%/cifar10-jpeg.zip: | $(VENV)/.installed
+	$(PY) tests/make_cifar10_zip.py $@
+
+test: install ffcv $(TEST_DATA)/cifar10-jpeg.zip
 	@$(PY) -c "import fastswav._C" 2>/dev/null || { \
 	  echo "fastswav._C does not load in $(VENV) (built for another torch): rebuilding it"; \
 	  rm -f fastswav/_C*.so; $(PY) -m pip install -q --no-build-isolation --no-deps -e .; }
-	$(PY) -m pytest $(PYTEST_ARGS)
+	FASTSWAV_SHARED_DATA=$(TEST_DATA) $(PY) -m pytest $(PYTEST_ARGS)
 
 # --- The GPU machines' versions (torch 2.11, torchvision 0.26, triton 3.6; no ffcv, no nvtx) ---
 # `make compat-test` builds $(COMPAT_VENV) with them and runs the quick tests (-m "not slow").
@@ -69,11 +82,11 @@ test: install ffcv
 # nvrtc and nvtx wheels, cuda-bindings, cuda-toolkit (loaded lazily or not at all on the
 # CPU). Without the linked ones `import torch` fails (libcudnn.so.9: cannot open shared
 # object file): a --no-deps torch alone does not import. There is no 2.11 CPU-only wheel
-# on PyPI. Measured here (2 cores, 2026-12-01, other sessions sharing the cores):
+# on PyPI. Measured on a 2-core AMD EPYC (no GPU, other jobs on the same cores, 2026-12-01):
 # `make compat-install` 4 min 26 s / 4 min 38 s (two runs) and 4.3 GB (incl. the CPU-only
-# extension build); the full
-# dependency set (pip install torch==2.11.0 torchvision==0.26.0 ...) took 3 min 35 s and
-# 4.7 GB, so --no-deps saves disk, not time (most CUDA wheels come from the local index).
+# extension build); the full dependency set (pip install torch==2.11.0 torchvision==0.26.0
+# ...) took 3 min 35 s and 4.7 GB, so --no-deps saves disk, not time (most CUDA wheels came
+# from a local package index).
 # `make compat-test` then took 12 min 30 s (pytest: 250 passed, 46 skipped in 719 s; the
 # fused-vs-reference learning check alone 265 s under triton 3.6's interpreter).
 COMPAT_VENV ?= .venv-compat

@@ -1,9 +1,9 @@
 """Multi-crop data path: the reference PIL recipe vs FFCV per-view crops vs decode once.
 
-    python benchmarks/bench_data.py                  # CUDA if present, else the CPU
-    python benchmarks/bench_data.py --quick          # small CPU smoke run (still writes rows)
-    python benchmarks/bench_data.py --zip PATH --device cpu --dry-run
-    python benchmarks/bench_data.py --grid benchmarks/results/crop_grid.png
+    python benchmarks/bench_data.py --zip JPEGS.zip          # CUDA if present, else the CPU
+    python benchmarks/bench_data.py --zip JPEGS.zip --quick  # small CPU smoke run (still writes rows)
+    python benchmarks/bench_data.py --zip JPEGS.zip --device cpu --dry-run
+    python benchmarks/bench_data.py --zip JPEGS.zip --grid benchmarks/results/crop_grid.png
 
 Real full-resolution JPEGs read from a zip (no unpacking); full multi-crop sets (2x224 +
 6x96, the official recipe) per second, with one worker (``sets_per_s_per_core``: per CPU
@@ -55,7 +55,6 @@ from fastswav.data.batched_multicrop import BatchedMultiCrop
 from fastswav.data.multicrop import (CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD,
                                      MultiCropTransform)
 
-DEFAULT_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample-jpeg.zip"
 RECIPE = dict(size_crops=(224, 96), n_crops=(2, 6), min_scale=(0.14, 0.05),
               max_scale=(1.0, 0.14))
 CROPS = "2x224+6x96"
@@ -352,7 +351,8 @@ def crop_grid(path: Path, files: list, canvases, count: int = 4) -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--zip", type=Path, default=DEFAULT_ZIP, help="zip of JPEGs")
+    parser.add_argument("--zip", type=Path, required=True,
+                        help="zip of full-resolution JPEGs (e.g. an ImageNet sample)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the CPU augmentation (default: --cores)")

@@ -30,16 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, ResultWriter, shape_key
 
 from fastswav.config import preset
+from fastswav.data.sources import CIFAR10_DOWNLOAD
 from fastswav.train import run
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="CIFAR-10 zip (default: ../shared/data)")
+    parser.add_argument("--data", default=CIFAR10_DOWNLOAD,
+                        help="CIFAR-10: a zip of JPEGs, an image folder, or the default "
+                             f"{CIFAR10_DOWNLOAD} (torchvision's copy, downloaded once)")
     parser.add_argument("--variants", default="fused,reference", help="comma-separated: fused, reference")
     parser.add_argument("--epochs", type=int, help="override the preset's epochs")
     parser.add_argument("--seed", type=int, default=31)

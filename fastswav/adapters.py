@@ -23,7 +23,7 @@ Semantics (lightly's, which are the official SwAV loss expressed on scores):
 Where this differs from lightly's own code (all differences vanish in exact arithmetic or
 are about failure modes):
 
-- Sinkhorn is fastswav's :func:`fastswav.ops.sinkhorn.sinkhorn_knopp`: each prototype row is
+- Sinkhorn is fastswav's :func:`fastswav.ops.sinkhorn.swav_codes`: each prototype row is
   shifted by its maximum before ``exp`` (the row normalisation cancels the shift), so large
   scores or a small epsilon never overflow to inf/NaN, where a plain ``exp(s / eps)`` can;
 - scores are upcast to float32 for Sinkhorn and the log-softmax (float64 stays float64), so
@@ -52,7 +52,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .ops.loss import swapped_prediction_loss
-from .ops.sinkhorn import sinkhorn_knopp
+from .ops.sinkhorn import swav_codes
 
 
 class LightlyStyleSwaVLoss(nn.Module):
@@ -134,7 +134,7 @@ class LightlyStyleSwaVLoss(nn.Module):
                     # Row order does not change Sinkhorn's result; the batch goes first so
                     # its codes are the first B rows (lightly appends the queue too).
                     scores = torch.cat([scores, past.to(scores.dtype)])
-                codes.append(sinkhorn_knopp(scores, self.sinkhorn_epsilon,
+                codes.append(swav_codes(scores, self.sinkhorn_epsilon,
                                             self.sinkhorn_iterations, group=group)[:batch])
         # Crop-major stack with the high-resolution crops first: they are the assigned crops.
         loss = swapped_prediction_loss(torch.cat(crops), torch.stack(codes), len(crops),

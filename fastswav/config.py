@@ -7,6 +7,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Dict, Tuple
 
+from .data.sources import CIFAR10_DOWNLOAD
 from .kernels._common import DEFAULT_PRECISION, PRECISIONS  # torch only: no Triton needed
 
 DEFAULT_PRESET = "demo"
@@ -17,7 +18,7 @@ class Config:
     """Every knob of a run. Defaults are the official SwAV ResNet-50 100-epoch recipe."""
 
     # data
-    data: str = field(default="", metadata={"help": "training data: image folder, zip of JPEGs, FFCV .beton (decode-once GPU multi-crop; see python -m fastswav.data.write), or a download root for torchvision-cifar10"})
+    data: str = field(default="", metadata={"help": "training data: image folder, zip of JPEGs, FFCV .beton (decode-once GPU multi-crop; see python -m fastswav.data.write), a download root for torchvision-cifar10, or download:cifar10 (torchvision's CIFAR-10 in ~/.cache/fastswav/data, fetched on first use)"})
     data_kind: str = field(default="auto", metadata={"help": "auto | folder | zip | beton | torchvision-cifar10"})
     workers: int = field(default=8, metadata={"help": "data loader worker processes per training process"})
     in_memory: bool = field(default=False, metadata={"help": "pil augmentation: decode the whole dataset into memory once (small data only)"})
@@ -160,7 +161,7 @@ _IMAGENET_256 = dict(batch_size=64, base_lr=0.6, final_lr=0.0006, freeze_prototy
 PRESETS: Dict[str, Tuple[str, Dict[str, typing.Any]]] = {
     "demo": (
         "CIFAR-10 on a CPU in minutes: small ResNet-18, 2x32 + 4x16 crops, K=100, SGD, kNN before/after",
-        dict(data="../shared/data/cifar10-jpeg.zip", augment="batched", workers=0,
+        dict(data=CIFAR10_DOWNLOAD, augment="batched", workers=0,
              n_crops=(2, 4), size_crops=(32, 16), min_scale_crops=(0.2, 0.08),
              max_scale_crops=(1.0, 0.3), blur_prob=0.0, jitter_strength=0.5,
              arch="resnet18", trunk_width=16, small_images=True, zero_init_residual=True,
@@ -168,7 +169,7 @@ PRESETS: Dict[str, Tuple[str, Dict[str, typing.Any]]] = {
              # Sharper codes than the official 0.05: with 64 images per Sinkhorn, eps 0.05
              # left the codes near uniform (measured on seed 7: +2.9 kNN points at 0.05,
              # +4.4 at 0.03, +8.4 at 0.02; with zero-init residual blocks +10.1 at 0.03 and
-             # +10.6 at 0.02; README, demo).
+             # +10.6 at 0.02; docs/demo.md).
              epsilon=0.02, epochs=6, steps_per_epoch=100, batch_size=64,
              # Plain SGD: at small batches LARS's trust ratio (0.001) makes steps too small to
              # learn in a few hundred iterations (measured: +2.3 kNN points vs +4.0 in 150
@@ -203,8 +204,8 @@ PRESETS: Dict[str, Tuple[str, Dict[str, typing.Any]]] = {
         # The demo's crops and optimiser scaled to a full-width ResNet-18 and a GPU-sized
         # batch. Keeps the official epsilon 0.05 and torchvision's initialisation: the demo's
         # sharper epsilon was measured with 64 images per Sinkhorn, this has 512. Not yet
-        # tuned on a GPU (see README, status).
-        dict(data="../shared/data/cifar10-jpeg.zip", augment="batched", workers=0,
+        # tuned on a GPU (docs/demo.md).
+        dict(data=CIFAR10_DOWNLOAD, augment="batched", workers=0,
              n_crops=(2, 4), size_crops=(32, 16), min_scale_crops=(0.2, 0.08),
              max_scale_crops=(1.0, 0.3), blur_prob=0.0, jitter_strength=0.5,
              arch="resnet18", trunk_width=0, small_images=True, hidden_dim=2048, out_dim=128,

@@ -1,6 +1,6 @@
 """What a long run does when something goes wrong: preemption, divergence, collapse.
 
-Exit codes of ``python -m fastswav.train`` (also in ``--help`` and the README):
+Exit codes of ``python -m fastswav.train`` (also in ``--help`` and docs/training.md):
 
 - 0: finished;
 - 2: bad command-line input (one ``error:`` line);

@@ -30,13 +30,13 @@ from .checkpoint import (NoReadableCheckpoint, checkpoint_path, find_resumable, 
                          set_aside_previous)
 from .config import (DEFAULT_PRESET, PRESETS, Config, field_help, parse_value, preset,
                      resume_differences)
-from .data.sources import cifar10_fallback
+from .data.sources import resolve_download
 from .distributed import DistInfo, barrier, init_distributed, shutdown, sync_bn_group
 from .faults import (EXIT_DIVERGED, EXIT_PREEMPTED, Diverged, NonFiniteTracker, PreemptionHandler,
                      Preempted, code_entropy_ratio, looks_collapsed)
 from .loss import SwAVLoss
 from .model import build_model
-from .ops.sinkhorn import sinkhorn_knopp
+from .ops.sinkhorn import swav_codes
 from .optim import LARS, lars_param_groups, learning_rate
 from .profiling import ProfileWindow, enable_nvtx, nvtx_range, parse_window
 from .queue import FeatureQueue
@@ -116,9 +116,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[Config, str, bool]
         cfg = cfg.replace(output_dir=os.path.join("runs", args.preset))
     if not cfg.data:
         raise UsageError(f"preset {args.preset!r} needs --data PATH (image folder, zip of JPEGs, or .beton)")
-    data, kind = cifar10_fallback(cfg.data, cfg.data_kind)
+    data, kind = resolve_download(cfg.data, cfg.data_kind)
     if (data, kind) != (cfg.data, cfg.data_kind):
-        print(f"fastswav: {cfg.data} is not here: using torchvision's CIFAR-10 in {data} "
+        print(f"fastswav: reading torchvision's CIFAR-10 from {data} "
               "(downloaded on first use; --data PATH to read another copy)", flush=True)
         cfg = cfg.replace(data=data, data_kind=kind)
     if cfg.data_kind != "torchvision-cifar10" and not os.path.exists(cfg.data):
@@ -552,7 +552,7 @@ def _code_entropy(loop: _Loop, embeddings: torch.Tensor) -> float:
     crop = cfg.crops_for_assign[0]
     z = F.normalize(embeddings[crop * batch:(crop + 1) * batch].float(), dim=1)
     c = F.normalize(unwrap(loop.model).prototypes.weight.detach().float(), dim=1)
-    codes = sinkhorn_knopp(z @ c.t(), cfg.epsilon, cfg.sinkhorn_iterations)
+    codes = swav_codes(z @ c.t(), cfg.epsilon, cfg.sinkhorn_iterations)
     return code_entropy_ratio(codes)
 
 

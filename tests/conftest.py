@@ -13,10 +13,12 @@ from PIL import Image
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED_DATA = os.environ.get(
-    "FASTSWAV_SHARED_DATA",
-    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"),
-)
+# The folder holding cifar10-jpeg.zip: $FASTSWAV_SHARED_DATA, else the data folder beside the
+# repository, else .data/ in it (where `make test` writes the zip when there is none).
+_BESIDE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+_WRITTEN = os.path.join(os.path.dirname(__file__), "..", ".data")
+SHARED_DATA = os.environ.get("FASTSWAV_SHARED_DATA") or (
+    _BESIDE if os.path.isdir(_BESIDE) or not os.path.isdir(_WRITTEN) else _WRITTEN)
 
 
 def pytest_collection_modifyitems(config, items):

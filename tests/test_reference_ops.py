@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from fastswav import FeatureQueue, SwAVLoss, swav_loss
-from fastswav.ops import (normalize_prototypes_, sinkhorn_knopp,
+from fastswav.ops import (normalize_prototypes_, swav_codes,
                           swapped_prediction_loss, swav_loss_reference)
 
 
@@ -57,7 +57,7 @@ def official_loss_f64(z, c, n_crops, crops_for_assign, temperature, eps, iters, 
 @pytest.mark.parametrize("n, k", [(64, 30), (37, 101), (5, 3)])
 def test_sinkhorn_marginals_converge(n, k):
     torch.manual_seed(n * k)
-    q = sinkhorn_knopp(torch.randn(n, k), epsilon=0.5, n_iters=300)
+    q = swav_codes(torch.randn(n, k), epsilon=0.5, n_iters=300)
     assert torch.allclose(q.sum(dim=1), torch.ones(n), atol=1e-5)
     # Mass per prototype is B/K in "rows sum to 1" units, i.e. 1/K of the total.
     assert torch.allclose(q.sum(dim=0) / n, torch.full((k,), 1.0 / k), atol=1e-5)
@@ -69,10 +69,10 @@ def test_sinkhorn_equals_official_float64(iters):
     scores = F.normalize(torch.randn(48, 16, dtype=torch.float64), dim=1) @ \
         F.normalize(torch.randn(40, 16, dtype=torch.float64), dim=1).t()
     expected = official_sinkhorn_np(scores.numpy(), 0.05, iters)
-    got64 = sinkhorn_knopp(scores, 0.05, iters)
+    got64 = swav_codes(scores, 0.05, iters)
     assert got64.dtype == torch.float64
     np.testing.assert_allclose(got64.numpy(), expected, rtol=1e-10, atol=1e-14)
-    got32 = sinkhorn_knopp(scores.float(), 0.05, iters)
+    got32 = swav_codes(scores.float(), 0.05, iters)
     assert got32.dtype == torch.float32
     np.testing.assert_allclose(got32.double().numpy(), expected, rtol=1e-4, atol=1e-7)
 
@@ -83,18 +83,18 @@ def test_sinkhorn_low_precision_inputs_are_safe():
     # without the max shift.
     scores = torch.sign(torch.randn(64, 50))
     for dtype in (torch.bfloat16, torch.float16):
-        q = sinkhorn_knopp(scores.to(dtype), 0.05, 3)
+        q = swav_codes(scores.to(dtype), 0.05, 3)
         assert q.dtype == torch.float32
         assert torch.isfinite(q).all()
         assert torch.allclose(q.sum(dim=1), torch.ones(64), atol=1e-5)
     # Far outside the cosine range some samples underflow entirely: their rows come out 0,
     # never NaN or inf.
-    q = sinkhorn_knopp(torch.randn(64, 50).bfloat16() * 20, 0.05, 3)
+    q = swav_codes(torch.randn(64, 50).bfloat16() * 20, 0.05, 3)
     assert torch.isfinite(q).all()
     # bf16 rounding of cosine scores moves codes by little.
     s = F.normalize(torch.randn(64, 8), dim=1) @ F.normalize(torch.randn(50, 8), dim=1).t()
-    ref = sinkhorn_knopp(s, 0.05, 3)
-    low = sinkhorn_knopp(s.bfloat16(), 0.05, 3)
+    ref = swav_codes(s, 0.05, 3)
+    low = swav_codes(s.bfloat16(), 0.05, 3)
     assert (low - ref).abs().max() < 0.1 and (low - ref).norm() / ref.norm() < 2e-2
 
 
@@ -102,19 +102,19 @@ def test_sinkhorn_sample_weight_removes_samples_exactly():
     torch.manual_seed(1)
     s = torch.randn(30, 12, dtype=torch.float64)
     weight = torch.cat([torch.zeros(10), torch.ones(20)]).double()
-    masked = sinkhorn_knopp(s, 0.05, 3, sample_weight=weight)
-    alone = sinkhorn_knopp(s[10:], 0.05, 3)
+    masked = swav_codes(s, 0.05, 3, sample_weight=weight)
+    alone = swav_codes(s[10:], 0.05, 3)
     assert torch.allclose(masked[10:], alone, rtol=1e-10)
     assert (masked[:10] == 0).all()
-    with_all = sinkhorn_knopp(s, 0.05, 3, sample_weight=torch.ones(30).double())
-    assert torch.allclose(with_all, sinkhorn_knopp(s, 0.05, 3), rtol=1e-12)
+    with_all = swav_codes(s, 0.05, 3, sample_weight=torch.ones(30).double())
+    assert torch.allclose(with_all, swav_codes(s, 0.05, 3), rtol=1e-12)
 
 
 def test_sinkhorn_rejects_bad_input():
     with pytest.raises(ValueError, match="scores must be"):
-        sinkhorn_knopp(torch.randn(3, 4, 5))
+        swav_codes(torch.randn(3, 4, 5))
     with pytest.raises(ValueError, match="epsilon"):
-        sinkhorn_knopp(torch.randn(3, 4), epsilon=0)
+        swav_codes(torch.randn(3, 4), epsilon=0)
 
 
 @pytest.mark.parametrize("n_crops, assign, batch, k, dim", [
@@ -227,7 +227,7 @@ def _dist_worker(rank, world, port, scores, weight, queue_dict, result):
     try:
         n = scores.shape[0] // world
         part = slice(rank * n, (rank + 1) * n)
-        q = sinkhorn_knopp(scores[part], 0.05, 3, sample_weight=weight[part])
+        q = swav_codes(scores[part], 0.05, 3, sample_weight=weight[part])
         result[f"q{rank}"] = q
         z, c, queue = queue_dict["z"], queue_dict["c"], queue_dict["queue"]
         n_crops, b = 4, z.shape[0] // 4 // world
@@ -255,7 +255,7 @@ def test_distributed_sinkhorn_equals_single_process():
         mp.spawn(_dist_worker, args=(world, _free_port(), scores, weight,
                                      {"z": z, "c": c, "queue": queue}, result), nprocs=world)
         result = dict(result)
-    single = sinkhorn_knopp(scores, 0.05, 3, sample_weight=weight)
+    single = swav_codes(scores, 0.05, 3, sample_weight=weight)
     got = torch.cat([result["q0"], result["q1"]])
     assert torch.allclose(got, single, rtol=1e-5, atol=1e-7)
     # The loss on the concatenated batch is the mean of the per-rank losses (each rank's

@@ -16,8 +16,8 @@ Kinds, all opened through :func:`open_source`:
 - ``folder``: ImageNet layout ``root/<class>/<image>``. When ``root`` holds only split
   folders (``train/``, ``val/``, ``test/``), ``split`` picks one; otherwise ``root`` itself is
   the data for every split.
-- ``zip``: the same layouts inside a zip file (``train/<class>/NNNN.jpg`` as in the shared
-  CIFAR-10 zip). Flat zips, with the images at the zip's root (the shared ImageNet sample),
+- ``zip``: the same layouts inside a zip file (``train/<class>/NNNN.jpg`` as in a CIFAR-10
+  zip of JPEGs). Flat zips, with the images at the zip's root (an ImageNet sample),
   are labelled by the part of the file name before the first ``_`` when every name has one
   (``n01440764_tench.JPEG`` -> class ``n01440764``); otherwise they are unlabelled
   (label -1, no classes), which is fine for pretraining and refused by kNN. The zip is opened
@@ -151,7 +151,7 @@ def decode_rgb(data: bytes, name: str = "image") -> np.ndarray:
     """Encoded image bytes -> uint8 (H, W, 3) RGB; UnreadableImageError naming ``name``.
 
     torchvision's decoder first (JPEG, PNG, GIF, WebP; about 3x faster than PIL on 32x32
-    JPEGs, where PIL's header parsing dominates, and the same pixels on the shared JPEGs),
+    JPEGs, where PIL's header parsing dominates, and the same pixels on CIFAR-10 and ImageNet JPEGs),
     then PIL for everything else, and to give the verdict on files torchvision rejects.
     Grayscale, CMYK, palette and alpha images come out as RGB.
     """
@@ -296,7 +296,7 @@ class ProcessLocalFile:
 class ZipSource(ImageSource):
     """Images inside a zip file; see the module docstring for the layouts understood.
 
-    Members stored uncompressed (as in the shared zips) are read straight from the file with
+    Members stored uncompressed (as ``zip -0`` writes them) are read straight from the file with
     ``os.pread`` at their recorded offset: no per-process parse of the central directory and no
     shared read position. Compressed members go through a ZipFile. Either handle is opened on
     first use in each process and dropped when the source is pickled, so a source can be handed
@@ -385,8 +385,9 @@ class TorchvisionCIFAR10Source(ImageSource):
         return self
 
 
-# The CIFAR-10 zip the demo and the speedrun read first (this project's shared data folder).
-DEMO_CIFAR10_ZIP = "../shared/data/cifar10-jpeg.zip"
+# The CIFAR-10 presets' default data: not a path but torchvision's CIFAR-10 in the download
+# cache (fetched on first use), so a fresh clone has its demo data wherever it runs.
+CIFAR10_DOWNLOAD = "download:cifar10"
 DATA_CACHE_ENV = "FASTSWAV_DATA_CACHE"
 
 
@@ -399,15 +400,11 @@ def download_cache_dir() -> str:
     return os.path.join(base, "fastswav", "data")
 
 
-def cifar10_fallback(path: str, kind: str = "auto"):
-    """``(path, kind)`` to read CIFAR-10 from: ``path`` itself when it exists or is not the
-    demo's default zip (:data:`DEMO_CIFAR10_ZIP`); else torchvision's CIFAR-10 in
-    :func:`download_cache_dir` (downloaded there on first use, when the machine is online).
-    So the shared zip stays the first choice (tests and CI stay offline) and a fresh clone
-    elsewhere still has its demo data."""
-    if kind != "auto" or os.path.exists(path):
-        return path, kind
-    if os.path.normpath(path) != os.path.normpath(DEMO_CIFAR10_ZIP):
+def resolve_download(path: str, kind: str = "auto"):
+    """``(path, kind)`` to read: :data:`CIFAR10_DOWNLOAD` becomes torchvision's CIFAR-10 in
+    :func:`download_cache_dir` (downloaded there on first use, when the machine is online);
+    any other path is returned as it is."""
+    if path != CIFAR10_DOWNLOAD:
         return path, kind
     return os.path.join(download_cache_dir(), "cifar10"), "torchvision-cifar10"
 
@@ -450,7 +447,7 @@ def open_source(path: str, split: str = "train", kind: str = "auto", preload: bo
         raise ValueError(f"unknown data kind {kind!r}: expected one of {', '.join(KINDS)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
-    path = os.fspath(path)
+    path, kind = resolve_download(os.fspath(path), kind)
     if kind == "torchvision-cifar10":
         source = TorchvisionCIFAR10Source(path, split, download=download)
     else:

@@ -1,7 +1,7 @@
 """Write an image folder or a zip of images to an FFCV .beton for the decode-once loader.
 
     python -m fastswav.data.write /data/imagenet /data/imagenet_train.beton --split train
-    python -m fastswav.data.write ../shared/data/imagenet-sample-jpeg.zip sample.beton
+    python -m fastswav.data.write imagenet-sample-jpeg.zip sample.beton
 
 SRC is anything :func:`fastswav.data.sources.open_source` reads: an ImageNet-style folder
 (``class/xxx.JPEG``, optionally under ``train/`` and ``val/``), or a zip of the same layouts

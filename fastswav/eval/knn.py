@@ -8,7 +8,7 @@ weight is the prediction. k=20 and T=0.07 are the usual settings.
 Command line (prints ``kNN top-1: X%``)::
 
     python -m fastswav.eval.knn --checkpoint path/to/checkpoint.pt \\
-        --data ../shared/data/cifar10-jpeg.zip --max-train 10000 --max-test 2000
+        --data download:cifar10 --max-train 10000 --max-test 2000
 """
 from __future__ import annotations
 
@@ -236,10 +236,11 @@ def _parser() -> argparse.ArgumentParser:
             "Prints 'kNN top-1: X%'."),
         epilog=(
             "Data layouts: an image folder root/<class>/<image> (with train/ and test/ or val/ "
-            "subfolders for the two splits), a zip laid out the same way (like "
-            "../shared/data/cifar10-jpeg.zip), or a torchvision CIFAR-10 folder. Example: "
+            "subfolders for the two splits), a zip laid out the same way, a torchvision "
+            "CIFAR-10 folder, or download:cifar10 (torchvision's CIFAR-10 in the download "
+            "cache). Example: "
             "python -m fastswav.eval.knn --checkpoint path/to/checkpoint.pt "
-            "--data ../shared/data/cifar10-jpeg.zip --max-train 10000 --max-test 2000"),
+            "--data download:cifar10 --max-train 10000 --max-test 2000"),
     )
     add_probe_arguments(parser, "split used as the kNN memory (default: train)",
                         "split used as queries (default: test; val where there is no test)")

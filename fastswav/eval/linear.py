@@ -19,7 +19,7 @@ Two modes:
 Command line (prints ``linear top-1: X%``)::
 
     python -m fastswav.eval.linear --checkpoint runs/demo/checkpoint_epoch0006.pt \\
-        --data ../shared/data/cifar10-jpeg.zip
+        --data download:cifar10
 """
 from __future__ import annotations
 
@@ -305,10 +305,10 @@ def _parser() -> argparse.ArgumentParser:
             "at ImageNet scale. 'auto' picks fast up to %d training images." % FAST_MODE_MAX_IMAGES),
         epilog=(
             "Data: an image folder root/<class>/<image> (with train/ and test/ or val/ "
-            "subfolders), a zip laid out the same way (like ../shared/data/cifar10-jpeg.zip), "
-            "or a torchvision CIFAR-10 folder. FFCV .beton files are not supported yet: pass "
+            "subfolders), a zip laid out the same way, a torchvision CIFAR-10 folder, or "
+            "download:cifar10 (torchvision's CIFAR-10 in the download cache). FFCV .beton files are not supported yet: pass "
             "the folder or zip they were written from. Example: python -m fastswav.eval.linear "
-            "--checkpoint runs/demo/checkpoint_epoch0006.pt --data ../shared/data/cifar10-jpeg.zip"),
+            "--checkpoint runs/demo/checkpoint_epoch0006.pt --data download:cifar10"),
     )
     add_probe_arguments(parser, "split the classifier trains on (default: train)",
                         "split it is scored on (default: test; val where there is no test)")

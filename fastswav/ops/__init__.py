@@ -2,13 +2,13 @@
 from .loss import assignment_codes, swapped_prediction_loss, swav_loss_reference
 from .prototypes import normalize_prototypes_
 from .queue import ring_push_
-from .sinkhorn import sinkhorn_knopp
+from .sinkhorn import swav_codes
 
 __all__ = [
     "assignment_codes",
     "normalize_prototypes_",
     "ring_push_",
-    "sinkhorn_knopp",
     "swapped_prediction_loss",
+    "swav_codes",
     "swav_loss_reference",
 ]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..profiling import nvtx_range
-from .sinkhorn import accumulation_dtype, sinkhorn_knopp
+from .sinkhorn import accumulation_dtype, swav_codes
 
 
 def check_crop_layout(n_rows: int, n_crops: int, crops_for_assign: Sequence[int]) -> int:
@@ -108,7 +108,7 @@ def assignment_codes(
                     torch.ones(batch, device=s.device, dtype=torch.float32),
                 ])
         with nvtx_range("sinkhorn"):
-            q = sinkhorn_knopp(s, epsilon, sinkhorn_iterations, sample_weight=weight, group=group)
+            q = swav_codes(s, epsilon, sinkhorn_iterations, sample_weight=weight, group=group)
         codes.append(q[-batch:])
     return torch.stack(codes)
 

@@ -41,7 +41,7 @@ def all_reduce_(tensor: torch.Tensor, op=None, group=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sinkhorn_knopp(
+def swav_codes(
     scores: torch.Tensor,
     epsilon: float = 0.05,
     n_iters: int = 3,
