@@ -140,7 +140,7 @@ def graphed_fwd_bwd(fn, emb, protos, queue, valid):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(3):  # warm-up: compile, autotune, cached index tensors
+        for _ in range(3):  # warm-up: compile, autotune
             emb.grad = protos.grad = None
             fn(emb, protos, queue, valid).backward()
     torch.cuda.current_stream().wait_stream(side)

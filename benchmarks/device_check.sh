@@ -25,7 +25,7 @@
 #
 # A step runs under min(its limit, what is left of DEVICE_CHECK_BUDGET_S: 285 s per stage
 # on the GPU, 3000 in the dry run) and is skipped with less than 15 s left;
-# DEVICE_CHECK_STEPS="a b" runs only those steps. Output: $OUT (the device tool's folder;
+# DEVICE_CHECK_STEPS="a b" runs only those steps. Output: $OUT (when set;
 # ./device_out elsewhere) gets summary.txt (one line per step: exit status, wall time, limit),
 # steps.log (every step's whole output), build.log, and rows.csv (the CSV rows the
 # benchmarks appended during this stage, one schema), refreshed after each step.
@@ -253,9 +253,9 @@ else
     run_step bench_teacher 50 "$PY" benchmarks/bench_teacher.py --budget-s 40 --reps 50
     run_step bench_queue 20 "$PY" benchmarks/bench_queue.py --seconds 0.1 --repeats 3
     if [ -f "$DATA_ZIP" ]; then run_step bench_data 40 "$PY" benchmarks/bench_data.py --device cuda --quick --zip "$DATA_ZIP"
-    else say "step bench_data: skipped (no $DATA_ZIP: carry .devdata, see prepare-data)"; SKIPPED+=" bench_data"; fi
+    else say "step bench_data: skipped (no $DATA_ZIP: copy .devdata, see prepare-data)"; SKIPPED+=" bench_data"; fi
     if [ -f "$CIFAR_ZIP" ]; then run_step speedrun 70 "$PY" benchmarks/speedrun_cifar10.py --data "$CIFAR_ZIP" --variants fused --epochs "${SPEEDRUN_EPOCHS:-2}"
-    else say "step speedrun: skipped (no $CIFAR_ZIP: carry .devdata, see prepare-data)"; SKIPPED+=" speedrun"; fi
+    else say "step speedrun: skipped (no $CIFAR_ZIP: copy .devdata, see prepare-data)"; SKIPPED+=" speedrun"; fi
   fi
 fi
 
