@@ -1,4 +1,4 @@
-"""What this machine gives fastswav: ``python -m fastswav.info [--check] [--json]``.
+"""What this machine gives fastswav: ``python -m fastswav.info [--check] [--json] [--memory]``.
 
 Prints the versions that matter (Python, torch, CUDA, Triton, torchvision, numpy, FFCV, ...),
 each GPU with its compute capability and memory, and for every fast path whether this
@@ -10,6 +10,10 @@ a float64 computation, the fused loss against the reference on each GPU, the que
 (extension and reference ring) on the CPU and each GPU, and one decode-once batch from a
 tiny .beton when FFCV is installed. Exit status: 0 all good, 1 a check failed (a fast path
 that this machine should take is broken), 2 bad command line.
+
+``--memory [--preset NAME] [--processes N] [--field=value ...]`` prints instead the peak
+memory per training process of a recipe, by part (:mod:`fastswav.memory`), against each
+visible GPU, or an 80 GB card where there is none.
 
 Looking at the extension may build it: where the install did not (pip's isolated build),
 the first use compiles it into a per-user cache (see :mod:`fastswav.ops.ext_build`);
