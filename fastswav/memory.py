@@ -11,8 +11,10 @@ block's activations while it is recomputed.
 The rest is counted: float32 parameters, gradients (DDP uses them as its buckets) and the
 optimizer's momentum; autocast's bf16 weight copies; the crops of the step's micro-batches
 and of the batch being loaded; the loss's score matrices; the feature queue. A margin
-covers what is neither: the backward's transient tensors (10 % of the activations) and, on
-a GPU, the CUDA context, cuDNN/cuBLAS workspaces and the caching allocator's slack (1.5 GiB).
+covers what is neither: the backward's transient tensors (10 % of the activations, and with
+checkpointing the gradients of the block being recomputed, as large as its activations)
+and, on a GPU, the CUDA context, cuDNN/cuBLAS workspaces and the caching allocator's slack
+(1.5 GiB).
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ class MemoryEstimate:
             ("input crops", self.inputs),
             ("loss scores", self.loss),
             ("feature queue", self.queue),
-            ("backward transients (10% of activations)", self.transients),
+            ("backward transients", self.transients),
             ("CUDA context, workspaces, allocator slack", self.reserved),
         ]
 
@@ -84,10 +86,11 @@ def _storage_key(t: torch.Tensor) -> int:
 
 
 def _measure_saved(model: nn.Module, crops: List[torch.Tensor], units: List[nn.Module],
-                   checkpointed: bool) -> int:
+                   checkpointed: bool) -> Tuple[int, int]:
     """Bytes of the distinct storages the forward of ``crops`` saves for backward, leaving
-    out the parameters; with ``checkpointed``, what stays when each unit keeps only its
-    inputs (plus the largest unit's own activations, alive while it is recomputed)."""
+    out the parameters, and 0; with ``checkpointed``, what stays when each unit keeps only
+    its inputs plus the largest unit's own activations (alive while it is recomputed), and
+    those largest activations alone."""
     params = {_storage_key(p) for p in model.parameters()}
     outside, inputs, per_unit = {}, {}, []
     active: List[int] = []
@@ -126,16 +129,24 @@ def _measure_saved(model: nn.Module, crops: List[torch.Tensor], units: List[nn.M
         everything = dict(outside)
         for unit_saved in per_unit:
             everything.update(unit_saved)
-        return sum(everything.values())
+        return sum(everything.values()), 0
     kept = dict(outside)
     kept.update(inputs)
     largest = max((sum(u.values()) for u in per_unit), default=0)
-    return sum(kept.values()) + largest
+    return sum(kept.values()) + largest, largest
 
 
-def activation_bytes(cfg, device_type: str = "cuda") -> Tuple[int, int]:
-    """(bytes at batch 0, bytes per image) the step saves for backward, measured on the
-    model of ``cfg`` on fake tensors at two small batches (no memory, any machine)."""
+def _linear(batches, values) -> Tuple[int, int]:
+    (b1, m1), (b2, m2) = zip(batches, values)
+    per_image = (m2 - m1) / (b2 - b1)
+    return max(int(m1 - b1 * per_image), 0), int(round(per_image))
+
+
+def activation_bytes(cfg, device_type: str = "cuda") -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """``((bytes at batch 0, bytes per image), (the same for one recomputed block))``: what
+    the step saves for backward, and with activation checkpointing the activations of the
+    largest block (0 without), measured on the model of ``cfg`` on fake tensors at two
+    small batches (no memory, any machine)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .model import build_model, checkpoint_units
@@ -156,9 +167,8 @@ def activation_bytes(cfg, device_type: str = "cuda") -> Tuple[int, int]:
             crops = [torch.randn(batch, 3, size, size, dtype=dtype)
                      for n, size in zip(cfg.n_crops, cfg.size_crops) for _ in range(n)]
             measured.append(_measure_saved(model, crops, units, cfg.checkpoint_activations))
-    (b1, m1), (b2, m2) = zip(_PROBE_BATCHES, measured)
-    per_image = (m2 - m1) / (b2 - b1)
-    return max(int(m1 - b1 * per_image), 0), int(round(per_image))
+    return (_linear(_PROBE_BATCHES, [kept for kept, _ in measured]),
+            _linear(_PROBE_BATCHES, [largest for _, largest in measured]))
 
 
 def estimate(cfg, world_size: int = 1, device_type: str = "cuda") -> MemoryEstimate:
@@ -167,9 +177,11 @@ def estimate(cfg, world_size: int = 1, device_type: str = "cuda") -> MemoryEstim
 
     with torch.device("meta"):
         n_params = sum(p.numel() for p in build_model(cfg.replace(checkpoint_activations=False)).parameters())
-    fixed, per_image = activation_bytes(cfg, device_type)
+    (fixed, per_image), (block_fixed, block_per_image) = activation_bytes(cfg, device_type)
     batch = cfg.batch_size
     activations = fixed + per_image * batch
+    # checkpointed: the gradients of the block being recomputed, its activations once more
+    recompute_grads = block_fixed + block_per_image * batch
     pixels = sum(n * 3 * size * size for n, size in zip(cfg.n_crops, cfg.size_crops))
     n_assign = len(cfg.crops_for_assign)
     global_micro = cfg.batch_size * world_size
@@ -187,7 +199,7 @@ def estimate(cfg, world_size: int = 1, device_type: str = "cuda") -> MemoryEstim
         inputs=4 * pixels * batch * (cfg.grad_accum + 1),
         loss=4 * cfg.n_prototypes * (2 * cfg.total_crops * batch + n_assign * (queue_rows + batch)),
         queue=4 * n_assign * queue_rows * cfg.out_dim,
-        transients=int(TRANSIENT_FRACTION * activations),
+        transients=int(TRANSIENT_FRACTION * activations) + recompute_grads,
         reserved=GPU_RESERVED_BYTES if gpu else 0,
     )
 

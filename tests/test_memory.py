@@ -41,7 +41,7 @@ def test_the_official_global_batch_is_kept_and_100ep_fast_runs_256_per_gpu():
 
 def test_resnet50_saves_about_129_mib_per_multicrop_image_under_bf16():
     """The figure measured with saved-tensor hooks on real CPU tensors (bf16, 2x224 + 6x96)."""
-    _, per_image = memory.activation_bytes(preset("100ep"), "cuda")
+    (_, per_image), _ = memory.activation_bytes(preset("100ep"), "cuda")
     assert 120 * 2 ** 20 < per_image < 140 * 2 ** 20
 
 
@@ -92,7 +92,7 @@ def test_estimate_is_within_25_percent_of_a_measured_cpu_peak():
     """A real CPU training step (a width-32 ResNet-18 on the demo's crops, float32) at two
     batch sizes, each in a fresh process: the rise of the peak resident memory over the
     process before the step, against the estimate of what a step adds. (Seen here, 2-core
-    AMD EPYC: estimate/measured 0.83-0.86 plain, 0.83-0.95 checkpointed; the resident
+    AMD EPYC: estimate/measured 0.83-0.86 plain, 1.03-1.16 checkpointed; the resident
     figure moves by ~10 % between runs.)"""
     for batch in (96, 192):
         measured, estimated = _measured_and_estimated(batch, checkpointed=False)

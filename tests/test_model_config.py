@@ -62,7 +62,7 @@ def test_presets_are_valid_and_official():
     assert (q.queue_length, q.epoch_queue_starts, q.base_lr, q.freeze_prototypes_niters) == \
         (3840, 15, 0.6, 5005)
     assert preset("400ep_2x224").n_crops == (2,)
-    assert preset("100ep_fast").batch_size * 8 == 4096
+    assert preset("100ep_fast").global_batch(8) == 4096
 
 
 def test_config_round_trip():

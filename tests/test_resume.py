@@ -138,7 +138,10 @@ def test_resume_differences_checks_the_global_batch():
     assert blocking == [] and allowed and "processes 1 -> 2" in allowed[0]
     # A different global batch: refused, with both products shown.
     blocking, _ = resume_differences(saved, cfg.replace(batch_size=4), 1, 1)
-    assert blocking == ["global batch 8 x 1 = 8 -> 4 x 1 = 4"]
+    assert blocking == ["global batch 8 x 1 x 1 = 8 -> 4 x 1 x 1 = 4"]
+    # Half the batch with twice the accumulation: the same global batch, allowed.
+    blocking, allowed = resume_differences(saved, cfg.replace(batch_size=4, grad_accum=2), 1, 1)
+    assert blocking == [] and "accumulation 1 -> 2" in allowed[0]
     # Shape fields refuse, logging fields do not; fields only one side knows are ignored.
     blocking, allowed = resume_differences(dict(saved, removed_field=1),
                                            cfg.replace(out_dim=4, workers=3), 1, 1)

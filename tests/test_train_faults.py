@@ -133,9 +133,9 @@ def test_collapse_is_warned_about(tiny_folder, tmp_path, caplog):
                       min_scale_crops=(1.0, 1.0), max_scale_crops=(1.0, 1.0))
     original = TrainStep.__call__
 
-    def same_images(self, crops, *args, **kwargs):
-        crops = [torch.zeros_like(c) for c in crops]
-        return original(self, crops, *args, **kwargs)
+    def same_images(self, micro_batches, *args, **kwargs):
+        micro_batches = [[torch.zeros_like(c) for c in crops] for crops in micro_batches]
+        return original(self, micro_batches, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(TrainStep, "__call__", same_images)
