@@ -171,8 +171,13 @@ def test_activation_checkpointing_gives_the_same_gradients_and_state_dict():
     crops = _crops(3)
     for model in (plain, checkpointed):
         model(crops).square().sum().backward()
+    compared = 0
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
-        assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:  # the prototypes take no part in the forward
+            assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+            compared += 1
+    assert compared > 50
     checkpointed.eval()  # eval runs the plain forward: equal outputs, nothing recomputed
     plain.eval()
     with torch.no_grad():
