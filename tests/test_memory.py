@@ -178,7 +178,12 @@ def test_activation_checkpointing_gives_the_same_gradients_and_state_dict():
             assert torch.allclose(a.grad, b.grad, atol=1e-5), name
             compared += 1
     assert compared > 50
-    checkpointed.eval()  # eval runs the plain forward: equal outputs, nothing recomputed
+    # The recomputation updates BatchNorm's running statistics a second time (documented);
+    # with the same state, eval (the plain forward, nothing recomputed) gives equal outputs.
+    bn = "trunk.layer1.0.bn1.running_mean"  # inside a checkpointed block
+    assert not torch.allclose(plain.state_dict()[bn], checkpointed.state_dict()[bn])
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.eval()
     plain.eval()
     with torch.no_grad():
         assert torch.allclose(plain(crops), checkpointed(crops), atol=1e-6)
