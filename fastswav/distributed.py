@@ -46,7 +46,7 @@ class _Group:
     """This process's view of the job: the generation's store, for the post-mortem probe."""
     store: Optional[dist.Store] = None
     timeout_s: float = DEFAULT_TIMEOUT_S
-    phase: str = "setting up"  # what the collectives running now belong to
+    phase: str = "the set-up"  # what the collectives running now belong to
 
 
 _group = _Group()
@@ -143,7 +143,7 @@ def shutdown(info: DistInfo) -> None:
 
 
 def set_phase(text: str) -> None:
-    """Name what the next collectives belong to (e.g. ``iteration 17``), for the message a
+    """Name what the next collectives belong to (e.g. ``iteration 17``, ``the write of X``), for the message a
     failed collective turns into."""
     _group.phase = text
 
@@ -169,7 +169,7 @@ def responsive_ranks(info: DistInfo, grace_s: float) -> Optional[List[int]]:
     if store is None:
         return None
     try:
-        store.set_timeout(timedelta(seconds=max(grace_s, 1.0)))
+        store.set_timeout(timedelta(seconds=max(2 * grace_s, 1.0)))
         store.set(f"alive{info.rank}", b"1")
         time.sleep(grace_s)
         return [r for r in range(info.world_size) if store.check([f"alive{r}"])]
@@ -188,7 +188,7 @@ class PeerFailed(RuntimeError):
 def peer_failure(info: DistInfo, exc: BaseException) -> PeerFailed:
     """:class:`PeerFailed` for a failed collective: names the phase, the timeout and the
     ranks that stopped answering. The lowest responsive rank reports it."""
-    grace = min(5.0, max(1.0, _group.timeout_s / 4))
+    grace = min(5.0, max(0.5, _group.timeout_s / 10))
     alive = responsive_ranks(info, grace)
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     if "GLHF" in first or len(first) > 240:  # gloo's long tail adds nothing
@@ -201,7 +201,7 @@ def peer_failure(info: DistInfo, exc: BaseException) -> PeerFailed:
                f"{info.world_size} stopped responding or died" if lost
                else "every rank still answers (a collective failed on one of them)")
         reporter = info.rank == min(alive) if alive else info.is_main
-    message = (f"a collective in {_group.phase} failed (timeout {_group.timeout_s:g} s, "
+    message = (f"a collective during {_group.phase} failed (timeout {_group.timeout_s:g} s, "
                f"dist_timeout_s): {who} [{first}]; under torchrun --max-restarts the group "
                "restarts and resumes from the newest checkpoint, otherwise run the same "
                "command again")

@@ -321,7 +321,7 @@ def run(cfg: Config, preset_name: str = DEFAULT_PRESET, resume: bool = True) -> 
     device = select_device(cfg.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    set_phase("joining the process group")
+    set_phase("the join of the process group")
     try:
         dist_info = init_distributed(device.type, cfg.dist_timeout_s)
     except (RuntimeError, TimeoutError) as exc:
@@ -406,7 +406,7 @@ def find_resume_state(cfg: Config, run_dir: Path, dist_info: DistInfo, device: t
             decision = ("resume", ckpt.name if ckpt is not None else None)
         except NoReadableCheckpoint as exc:
             decision = ("error", str(exc))
-    set_phase("choosing the checkpoint to resume from")
+    set_phase("the choice of the checkpoint to resume from")
     decision = decided_by_main(dist_info, decision)
     if decision[0] == "error":
         raise UsageError(decision[1])
@@ -463,7 +463,7 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
         print(f"fastswav: preset {preset_name}, {dist_info.world_size} process(es) on {device}; "
               f"run folder {run_dir}\nconfig: " + textwrap.fill(fields_text, 100, subsequent_indent="  "),
               flush=True)
-    set_phase("setting up the model and data")
+    set_phase("the set-up of the model and data")
     seed_everything(cfg.seed)
     window = parse_window(cfg.profile)
     enable_nvtx(cfg.nvtx or window is not None)
@@ -549,7 +549,7 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
                  "optimizer": optimizer.state_dict(), "config": cfg.to_dict(), "knn_init": knn_init,
                  "world_size": dist_info.world_size}
         path = checkpoint_path(run_dir, epochs_done, steps_done)
-        set_phase(f"writing {path.name}")
+        set_phase(f"the write of {path.name}")
         # Queue files first: a checkpoint that exists always has its queues beside it. A
         # failed write (disk full) on any rank stops every rank, reported once.
         failure = None
@@ -648,7 +648,7 @@ def _train_epoch(loop: _Loop, epoch: int, first_step: int) -> Tuple[float, Optio
     batches = iter(loop.loader)
     for step_in_epoch in range(first_step, loop.iters_per_epoch):
         iteration = epoch * loop.iters_per_epoch + step_in_epoch
-        set_phase(f"iteration {iteration} (epoch {epoch + 1}, step {step_in_epoch + 1})")
+        set_phase(f"iteration {iteration + 1} (epoch {epoch + 1}, step {step_in_epoch + 1})")
         loop.window.before_iteration(iteration)
         with nvtx_range("data"):
             try:
