@@ -131,7 +131,7 @@ def test_killed_worker_restarts_and_ends_with_the_uninterrupted_weights(tiny_fol
 
 @pytest.mark.slow
 def test_stalled_worker_ends_the_run_with_one_line_within_twice_the_timeout(tiny_folder, tmp_path):
-    timeout_s = 4
+    timeout_s = 6
     out, log = tmp_path / "stalled", tmp_path / "stalled.log"
     args = ["--data", str(tiny_folder), *RECIPE, "--epochs=3", f"--dist_timeout_s={timeout_s}",
             "--output-dir", str(out)]
@@ -141,14 +141,17 @@ def test_stalled_worker_ends_the_run_with_one_line_within_twice_the_timeout(tiny
         _wait_for(lambda: 1 in _workers(proc.pid), deadline, proc, "rank 1")
         os.kill(_workers(proc.pid)[1], signal.SIGSTOP)
         stopped = time.monotonic()
-        _wait_for(lambda: "error:" in log.read_text(), stopped + 2 * timeout_s, None,
-                  f"the error line within {2 * timeout_s} s")
+        _wait_for(lambda: "error:" in log.read_text(), stopped + 30, None, "the error line")
+        latency = time.monotonic() - stopped
         time.sleep(0.5)  # anything else rank 0 would print
         text = log.read_text()
+    print(f"error line {latency:.1f} s after the SIGSTOP")
+    assert latency < 2 * timeout_s, (latency, text[-3000:])
     errors = [line for line in text.splitlines() if "error:" in line]
     assert len(errors) == 1, text[-3000:]
     # The phase is where rank 0 was waiting: a step's collectives or a checkpoint write.
-    assert re.search(r"a collective during (iteration \d+|the write of checkpoint_epoch\d+\.pt) "
+    assert re.search(r"a collective during (iteration \d+ \(epoch \d+, step \d+\)|the write of "
+                     r"checkpoint_epoch\d+\.pt) "
                      rf"failed \(timeout {timeout_s} s", errors[0]), errors[0]
     assert "rank 1 of 2 stopped responding" in errors[0], errors[0]
     assert "Traceback" not in text, text[-3000:]
