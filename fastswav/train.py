@@ -570,7 +570,7 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
             raise DiskFull(failure)
         prune_checkpoints(run_dir, cfg.keep_checkpoints, dist_info.rank)
         if main and not loop.warned_room:
-            size = path.stat().st_size + checkpoint_bytes - state_nbytes(state)  # + queues
+            size = path.stat().st_size + max(0, checkpoint_bytes - state_nbytes(state))  # + queues
             free = free_bytes(run_dir)
             if free < size:
                 loop.warned_room = True
