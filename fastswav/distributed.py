@@ -193,8 +193,8 @@ def peer_failure(info: DistInfo, exc: BaseException) -> PeerFailed:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     if "GLHF" in first or len(first) > 240:  # gloo's long tail adds nothing
         first = first.split(". ")[0][:240]
-    if alive is None:
-        who, reporter = "another rank failed or stopped responding", info.is_main
+    if alive is None:  # no store to ask (its host is gone): every survivor speaks for itself
+        who, reporter = "another rank failed or stopped responding", True
     else:
         lost = [r for r in range(info.world_size) if r not in alive]
         who = (f"rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} of "
