@@ -2,7 +2,7 @@
 weights of an uninterrupted run, a stalled worker ends the run within the collective timeout,
 an error every rank meets is printed once with one exit status, a full disk is exit 74.
 
-Every process a test starts runs in its own session and is killed in a ``finally``.
+Every process a test starts runs in its own process group, killed in a ``finally``.
 """
 import os
 import re
@@ -47,8 +47,8 @@ def _env() -> dict:
 
 @contextmanager
 def _torchrun(log: Path, args, max_restarts=0, nproc=2):
-    """``torchrun --standalone`` (its own rendezvous port) in a new session, output to ``log``
-    (not a terminal); the whole session is killed on the way out."""
+    """``torchrun --standalone`` (its own rendezvous port) in a new process group, output to ``log``
+    (not a terminal); the whole group is killed on the way out."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}",
                "--monitor-interval=0.2", "-m", "fastswav.train", *args]
