@@ -154,9 +154,12 @@ def is_collective_failure(exc: BaseException) -> bool:
         return True
     if not isinstance(exc, RuntimeError):
         return False
-    text = str(exc)
-    return any(mark in text for mark in ("gloo", "Gloo", "NCCL", "Timed out", "timed out",
-                                         "Connection reset", "Connection closed", "Broken pipe"))
+    text = str(exc).lower()
+    # gloo's wordings seen: "Timed out waiting 5000ms for recv operation", "Application
+    # timeout caused pair closure", "Read error ...: Connection reset by peer".
+    return any(mark in text for mark in ("gloo", "nccl", "timed out", "timeout", "pair closure",
+                                         "connection reset", "connection closed",
+                                         "connection refused", "broken pipe"))
 
 
 def responsive_ranks(info: DistInfo, grace_s: float) -> Optional[List[int]]:

@@ -45,10 +45,18 @@ def _env() -> dict:
     return env
 
 
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 @contextmanager
 def _torchrun(log: Path, args, max_restarts=0, nproc=2):
-    """``torchrun --standalone`` (its own rendezvous port) in a new process group, output to ``log``
-    (not a terminal); the whole group is killed on the way out."""
+    """``torchrun --standalone`` (its own rendezvous port) in a new process group, output to
+    ``log`` (not a terminal). On the way out its workers (torchrun gives each a process group
+    of its own; a stopped one would outlive the launcher) and then the launcher are killed."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}",
                "--monitor-interval=0.2", "-m", "fastswav.train", *args]
@@ -58,10 +66,11 @@ def _torchrun(log: Path, args, max_restarts=0, nproc=2):
     try:
         yield proc
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker it started
-        except ProcessLookupError:
-            pass
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGSTOP)  # no new workers while the current ones go
+            for pid in _workers(proc.pid).values():
+                _kill_group(pid)
+        _kill_group(proc.pid)
         proc.wait()
 
 
@@ -87,7 +96,7 @@ def _workers(launcher_pid: int) -> dict:
 def _wait_for(condition, deadline: float, proc=None, what=""):
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"launcher exited ({proc.returncode}) while waiting for {what}")
         time.sleep(0.05)
@@ -141,7 +150,8 @@ def test_stalled_worker_ends_the_run_with_one_line_within_twice_the_timeout(tiny
         _wait_for(lambda: 1 in _workers(proc.pid), deadline, proc, "rank 1")
         os.kill(_workers(proc.pid)[1], signal.SIGSTOP)
         stopped = time.monotonic()
-        _wait_for(lambda: "error:" in log.read_text(), stopped + 30, None, "the error line")
+        _wait_for(lambda: "error:" in log.read_text(), stopped + 30, None,
+                  lambda: f"the error line; the log so far: {log.read_text()[-3000:]}")
         latency = time.monotonic() - stopped
         time.sleep(0.5)  # anything else rank 0 would print
         text = log.read_text()
@@ -280,3 +290,13 @@ def test_progress_is_plain_lines_off_a_terminal(tiny_folder, tmp_path, capsys):
     assert len(lines) == 2, text
     assert re.match(r"epoch 1/1 step 2/2 \(iteration 2/2\): loss [\d.]+ lr [\d.e-]+ [\d.]+ img/s "
                     r"ETA \d\d:\d\d:\d\d$", lines[1]), lines[1]
+
+
+@pytest.mark.parametrize("text", [
+    "[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation",
+    "Application timeout caused pair closure",
+    "[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:62648: Connection reset by peer",
+])
+def test_gloo_failures_are_collective_failures(text):
+    assert distributed.is_collective_failure(RuntimeError(text))
+    assert not distributed.is_collective_failure(RuntimeError("shape mismatch in conv2d"))
