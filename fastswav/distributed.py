@@ -154,6 +154,12 @@ def is_collective_failure(exc: BaseException) -> bool:
         return True
     if not isinstance(exc, RuntimeError):
         return False
+    tb = exc.__traceback__
+    while tb is not None:  # raised inside a torch.distributed call (or DDP's own)
+        name = tb.tb_frame.f_code.co_filename.replace(os.sep, "/")
+        if "torch/distributed/" in name or name.endswith("torch/nn/parallel/distributed.py"):
+            return True
+        tb = tb.tb_next
     text = str(exc).lower()
     # gloo's wordings seen: "Timed out waiting 5000ms for recv operation", "Application
     # timeout caused pair closure", "Read error ...: Connection reset by peer".

@@ -300,3 +300,4 @@ def test_progress_is_plain_lines_off_a_terminal(tiny_folder, tmp_path, capsys):
 def test_gloo_failures_are_collective_failures(text):
     assert distributed.is_collective_failure(RuntimeError(text))
     assert not distributed.is_collective_failure(RuntimeError("shape mismatch in conv2d"))
+
