@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,9 @@ class NoReadableCheckpoint(RuntimeError):
 # checkpoint_epoch0004.pt: 4 epochs done. checkpoint_epoch0004_step000120.pt: 4 epochs and
 # 120 steps of the fifth done (written when a run is preempted mid-epoch).
 _NAME = re.compile(r"checkpoint_epoch(\d+)(?:_step(\d+))?\.pt$")
+_RUN_FILE = re.compile(r"^(checkpoint_epoch\d+(_step\d+)?|queue_rank\d+_epoch\d+(_step\d+)?)\.pt$")
+# What save_checkpoint's mkstemp names its temporary files: <final name>.<random>.tmp
+_TEMPORARY = re.compile(r"^(checkpoint_epoch\d+(_step\d+)?|queue_rank\d+_epoch\d+(_step\d+)?)\.pt\.\w+\.tmp$")
 
 
 def _suffix(epoch: int, step: int) -> str:
@@ -72,23 +76,110 @@ def prune_checkpoints(run_dir, keep: int, rank: int) -> None:
             path.unlink(missing_ok=True)
 
 
+def state_nbytes(state) -> int:
+    """Bytes of the tensors in ``state`` (nested dicts, lists, tuples): about its size on disk."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_nbytes(v) for v in state)
+    return 0
+
+
+def free_bytes(folder) -> int:
+    """Bytes free to this user in ``folder`` (or its nearest existing parent)."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def _write(state: Dict[str, Any], f) -> None:
+    """The serialisation itself (one place, so tests can make it fail as a full disk does)."""
+    torch.save(state, f)
+
+
 def save_checkpoint(state: Dict[str, Any], path) -> Path:
     """Write ``state`` to ``path`` through a temporary file in the same folder and a
-    rename, so a crash mid-write never leaves a truncated checkpoint under the real name."""
+    rename, so a crash mid-write never leaves a truncated checkpoint under the real name.
+
+    Raises :class:`fastswav.faults.DiskFull` (an ``OSError``) with one line naming the
+    folder, the bytes needed and the bytes free when the write fails (ENOSPC, or any other
+    OS error); the temporary file is removed and every other file is left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            _write(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) or _is_write_failure(exc):
+            raise _disk_full(path, state, exc) from None
         raise
     return path
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    # torch.save's zip writer reports a failed write as a RuntimeError ("unexpected pos"),
+    # the OSError behind it as its cause or context.
+    return isinstance(exc, RuntimeError) and (
+        isinstance(exc.__cause__ or exc.__context__, OSError)
+        or "unexpected pos" in str(exc) or "PytorchStreamWriter" in str(exc))
+
+
+def _disk_full(path: Path, state, exc: BaseException):
+    from .faults import DiskFull
+
+    cause = exc if isinstance(exc, OSError) else (exc.__cause__ or exc.__context__)
+    reason = (cause.strerror or str(cause)) if isinstance(cause, OSError) else "write failed"
+    try:
+        free = f"{free_bytes(path.parent):,}"
+    except OSError:
+        free = "unknown"
+    return DiskFull(
+        f"cannot write {path.name} in {path.parent} ({reason}): about "
+        f"{state_nbytes(state):,} bytes needed, {free} bytes free; the half-written file was "
+        "removed and earlier checkpoints are untouched: free some space and run the same "
+        "command again to resume")
+
+
+def remove_stale_temporaries(run_dir) -> List[Path]:
+    """Delete the temporary files of checkpoint and queue writes that never finished (a
+    process killed mid-write); returns them. Call on one process, before anyone writes."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    stale = [p for p in run_dir.iterdir() if _TEMPORARY.match(p.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def check_room(run_dir, checkpoint_bytes: int, count: int) -> Optional[str]:
+    """A one-line warning when ``run_dir`` lacks room for ``count`` more checkpoints of
+    about ``checkpoint_bytes`` each (the files already there are counted as theirs), else
+    None."""
+    run_dir = Path(run_dir)
+    existing = sum(p.stat().st_size for p in run_dir.iterdir()
+                   if _RUN_FILE.match(p.name)) if run_dir.is_dir() else 0
+    needed = max(0, count * checkpoint_bytes - existing)
+    try:
+        free = free_bytes(run_dir)
+    except OSError:
+        return None
+    if free >= needed:
+        return None
+    return (f"{run_dir} has {free:,} bytes free, but keeping {count} checkpoint(s) of about "
+            f"{checkpoint_bytes:,} bytes needs {needed:,} more: the run will stop with exit "
+            "status 74 when a checkpoint no longer fits (lower keep_checkpoints, or free space)")
 
 
 def load_checkpoint(path, map_location="cpu") -> Dict[str, Any]:
@@ -173,7 +264,6 @@ def find_resumable(run_dir, map_location="cpu") -> Tuple[Optional[Path], Optiona
     return None, None
 
 
-_RUN_FILE = re.compile(r"^(checkpoint_epoch\d+(_step\d+)?|queue_rank\d+_epoch\d+(_step\d+)?)\.pt$")
 
 
 def set_aside_previous(run_dir) -> Optional[Path]:

@@ -69,6 +69,7 @@ class Config:
     # speed and scale-out
     compile: str = field(default="none", metadata={"help": "torch.compile the forward and loss: none | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs"})
     ddp_bucket_mb: int = field(default=25, metadata={"help": "DDP gradient bucket size in MB"})
+    dist_timeout_s: float = field(default=300.0, metadata={"help": "seconds a collective may wait for the other processes before the run stops with exit status 69 (a process died or stopped responding); long enough for the first compilation and a checkpoint write"})
     # run
     seed: int = field(default=31, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
@@ -123,6 +124,8 @@ class Config:
         parse_window(self.profile)
         if self.sync_bn_group_size < 0 or self.ddp_bucket_mb < 1:
             raise ValueError("sync_bn_group_size must be >= 0 and ddp_bucket_mb >= 1")
+        if not self.dist_timeout_s > 0:
+            raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: expected auto, cpu or cuda")
 
@@ -226,7 +229,7 @@ RESUME_MAY_CHANGE = frozenset({
     "data", "data_kind", "workers", "in_memory", "augment", "channels_last", "sync_bn",
     "sync_bn_group_size", "compile", "ddp_bucket_mb", "device", "output_dir",
     "keep_checkpoints", "log_every", "tensorboard", "nvtx", "profile", "knn_at_end", "knn_k",
-    "knn_temperature", "knn_max_train", "knn_max_test", "loss_precision",
+    "knn_temperature", "knn_max_train", "knn_max_test", "loss_precision", "dist_timeout_s",
     "checkpoint_activations",
 })
 

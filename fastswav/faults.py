@@ -6,8 +6,19 @@ Exit codes of ``python -m fastswav.train`` (also in ``--help`` and docs/training
 - 2: bad command-line input (one ``error:`` line);
 - 3: the loss became non-finite; the message names the first bad iteration, and the
   checkpoints already written (the last good ones) are left as they were;
+- 69 (``EX_UNAVAILABLE``): with several processes, a collective failed because another
+  process died or stopped responding for ``dist_timeout_s``; the message names the phase
+  and, as far as the survivors can tell, the rank (torchrun --max-restarts restarts the
+  group, which resumes from the newest checkpoint);
+- 74 (``EX_IOERR``): a checkpoint or queue file could not be written (disk full, or any
+  other OS error); the message names the folder, the bytes needed and the bytes free. The
+  half-written file is removed, earlier checkpoints are untouched: free some space and run
+  the same command again to resume;
 - 75 (``EX_TEMPFAIL``): stopped by SIGTERM or SIGUSR1 (cluster preemption) after finishing
   the current step and writing a checkpoint; run the same command again to resume.
+
+With several processes each failure is reported once, by rank 0 (for a lost peer, by the
+lowest rank still answering), and every rank exits with the same status.
 """
 from __future__ import annotations
 
@@ -23,6 +34,8 @@ import torch.distributed as dist
 log = logging.getLogger("fastswav")
 
 EXIT_DIVERGED = 3
+EXIT_PEER_FAILED = 69
+EXIT_DISK_FULL = 74
 EXIT_PREEMPTED = 75
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -38,6 +51,11 @@ class Preempted(Exception):
 
 class Diverged(FloatingPointError):
     """The loss became non-finite."""
+
+
+class DiskFull(OSError):
+    """A checkpoint or queue file could not be written (no space left, or another OS
+    error); the temporary file is gone and earlier checkpoints are untouched."""
 
 
 class PreemptionHandler:

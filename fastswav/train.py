@@ -25,15 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import (NoReadableCheckpoint, checkpoint_path, find_resumable, latest_checkpoint,
-                         load_checkpoint, prune_checkpoints, queue_path, save_checkpoint,
-                         set_aside_previous)
+from .checkpoint import (NoReadableCheckpoint, check_room, checkpoint_path, find_resumable,
+                         free_bytes, load_checkpoint, prune_checkpoints,
+                         queue_path, remove_stale_temporaries, save_checkpoint,
+                         set_aside_previous, state_nbytes)
 from .config import (DEFAULT_PRESET, PRESETS, Config, field_help, parse_value, preset,
                      resume_differences)
 from .data.sources import resolve_download
-from .distributed import DistInfo, barrier, init_distributed, shutdown, sync_bn_group
-from .faults import (EXIT_DIVERGED, EXIT_PREEMPTED, Diverged, NonFiniteTracker, PreemptionHandler,
-                     Preempted, code_entropy_ratio, looks_collapsed)
+from .distributed import (DistInfo, PeerFailed, agree_on_error, decided_by_main,
+                          init_distributed, is_collective_failure, peer_failure, set_phase,
+                          shutdown, sync_bn_group)
+from .faults import (EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PEER_FAILED, EXIT_PREEMPTED, DiskFull,
+                     Diverged, NonFiniteTracker, PreemptionHandler, Preempted, code_entropy_ratio,
+                     looks_collapsed)
 from .loss import SwAVLoss
 from .model import build_model
 from .ops.sinkhorn import swav_codes
@@ -183,8 +187,15 @@ class RunLog:
         if self.path is None:
             return
         record.setdefault("time", time.time())
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a log line is not worth the run: the checkpoints decide
+            if not getattr(self, "_write_failed", False):
+                log.warning("cannot append to %s (%s): log records are skipped from here on",
+                            self.path, exc.strerror or exc)
+                self._write_failed = True
+            return
         if self.tb is not None:
             event = record.get("event")
             if event == "step":
@@ -310,11 +321,27 @@ def run(cfg: Config, preset_name: str = DEFAULT_PRESET, resume: bool = True) -> 
     device = select_device(cfg.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    dist_info = init_distributed(device.type)
+    set_phase("the join of the process group")
+    try:
+        dist_info = init_distributed(device.type, cfg.dist_timeout_s)
+    except (RuntimeError, TimeoutError) as exc:
+        if not is_collective_failure(exc) and not isinstance(exc, TimeoutError):
+            raise
+        rank = int(os.environ.get("RANK", 0))
+        raise PeerFailed(f"rank {rank} could not join the process group within "
+                         f"{cfg.dist_timeout_s:g} s (dist_timeout_s): "
+                         f"{(str(exc).strip().splitlines() or [''])[0][:240]}", report=True) from None
+    failed = False
     try:
         return _run(cfg, preset_name, resume, device, dist_info)
+    except Exception as exc:
+        if dist_info.enabled and is_collective_failure(exc):
+            failed = True  # the group is broken: tearing it down could wait on the lost peer
+            raise peer_failure(dist_info, exc) from None
+        raise
     finally:
-        shutdown(dist_info)
+        if not failed:
+            shutdown(dist_info)
 
 
 @dataclass
@@ -336,6 +363,28 @@ class _Loop:
     queue: Optional[FeatureQueue] = None
     collapse_from: int = 0  # first iteration at which collapse is looked for
     first_step_seconds: Optional[float] = None
+    warned_room: bool = False  # the run folder's free space was found short once
+    progress_lines: Optional[bool] = None  # plain lines instead of a bar (None: decide)
+    iterations_timed: int = 0  # steps this launch has run, for the ETA
+    started: float = 0.0  # perf_counter when this launch's first step began
+
+
+def _free_text(folder: Path) -> str:
+    try:
+        return f"{free_bytes(folder):,} bytes free"
+    except OSError:
+        return "free space unknown"
+
+
+def _checkpoint_bytes(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
+                      queue_len: int, world_size: int) -> int:
+    """About the bytes one checkpoint takes on disk, with every rank's queue file: weights,
+    optimiser state (before the first step: one momentum buffer per parameter)."""
+    model_bytes = state_nbytes(model.state_dict())
+    optimizer_bytes = state_nbytes(optimizer.state_dict()["state"]) or sum(
+        p.numel() * p.element_size() for p in model.parameters())
+    queue_bytes = len(cfg.crops_for_assign) * queue_len * cfg.out_dim * 4 * world_size
+    return model_bytes + optimizer_bytes + queue_bytes
 
 
 def find_resume_state(cfg: Config, run_dir: Path, dist_info: DistInfo, device: torch.device):
@@ -347,14 +396,22 @@ def find_resume_state(cfg: Config, run_dir: Path, dist_info: DistInfo, device: t
     folder's recipe (``config.json``) in a field that changes shapes or the schedule; fields
     that may change on resume are logged.
     """
+    # Rank 0 decides (it renames damaged files) and tells the others: the same checkpoint
+    # on every rank, or the same one-line error, printed by rank 0 alone.
+    decision = None
     if dist_info.is_main:
+        remove_stale_temporaries(run_dir)  # of writes cut short by a killed process
         try:
             ckpt, state = find_resumable(run_dir, map_location=device)
+            decision = ("resume", ckpt.name if ckpt is not None else None)
         except NoReadableCheckpoint as exc:
-            raise UsageError(str(exc)) from None
-    barrier(dist_info)
+            decision = ("error", str(exc))
+    set_phase("the choice of the checkpoint to resume from")
+    decision = decided_by_main(dist_info, decision)
+    if decision[0] == "error":
+        raise UsageError(decision[1])
     if not dist_info.is_main:
-        ckpt = latest_checkpoint(run_dir)
+        ckpt = run_dir / decision[1] if decision[1] is not None else None
         state = load_checkpoint(ckpt, map_location=device) if ckpt is not None else None
     if ckpt is None:
         return None, None
@@ -405,10 +462,18 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
         previous = set_aside_previous(run_dir)
         if previous is not None:
             log.warning("--no-resume: the checkpoints already in %s were moved to %s", run_dir, previous)
-    barrier(dist_info)
+    failure = None
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(cfg.to_json() + "\n")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(cfg.to_json() + "\n")
+        except OSError as exc:
+            failure = (f"cannot write {run_dir / 'config.json'} ({exc.strerror or exc}): "
+                       f"{_free_text(run_dir)}")
+    failure = agree_on_error(dist_info, failure)  # also the barrier after the set-aside
+    if failure is not None:
+        raise DiskFull(failure)
+    if main:
         fields_text = " ".join(
             f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in sorted(cfg.to_dict().items()))
@@ -418,6 +483,7 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
     if device.type == "cuda":
         # Fixed multi-crop shapes: let cuDNN time its algorithms once per shape (official too).
         torch.backends.cudnn.benchmark = True
+    set_phase("the set-up of the model and data")
     seed_everything(cfg.seed)
     window = parse_window(cfg.profile)
     enable_nvtx(cfg.nvtx or window is not None)
@@ -476,6 +542,13 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
             print(f"kNN top-1 at initialisation: {knn_init:.2f}%", flush=True)
             run_log.write(event="knn", epoch=0, knn_top1=knn_init)
 
+    checkpoint_bytes = _checkpoint_bytes(cfg, model, optimizer, queue_len, dist_info.world_size)
+    if main:
+        kept = cfg.keep_checkpoints + 1 if cfg.keep_checkpoints else cfg.epochs - start_epoch + 1
+        warning = check_room(run_dir, checkpoint_bytes, kept)
+        if warning:
+            log.warning(warning)
+
     if dist_info.enabled:
         model = wrap_ddp(cfg, model, device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
@@ -495,16 +568,35 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
         state = {"epoch": epochs_done, "step": steps_done, "model": unwrap(model).state_dict(),
                  "optimizer": optimizer.state_dict(), "config": cfg.to_dict(), "knn_init": knn_init,
                  "world_size": dist_info.world_size}
-        # Queue files first: a checkpoint that exists always has its queues beside it.
-        if loop.queue is not None:
-            save_checkpoint(loop.queue.state_dict(),
-                            queue_path(run_dir, epochs_done, dist_info.rank, steps_done))
-        barrier(dist_info)
         path = checkpoint_path(run_dir, epochs_done, steps_done)
-        if main:
-            save_checkpoint(state, path)
-        barrier(dist_info)
+        set_phase(f"the write of {path.name}")
+        # Queue files first: a checkpoint that exists always has its queues beside it. A
+        # failed write (disk full) on any rank stops every rank, reported once.
+        failure = None
+        if loop.queue is not None:
+            try:
+                save_checkpoint(loop.queue.state_dict(),
+                                queue_path(run_dir, epochs_done, dist_info.rank, steps_done))
+            except DiskFull as exc:
+                failure = str(exc)
+        failure = agree_on_error(dist_info, failure)
+        if failure is None and main:
+            try:
+                save_checkpoint(state, path)
+            except DiskFull as exc:
+                failure = str(exc)
+        failure = agree_on_error(dist_info, failure)
+        if failure is not None:
+            raise DiskFull(failure)
         prune_checkpoints(run_dir, cfg.keep_checkpoints, dist_info.rank)
+        if main and not loop.warned_room:
+            size = path.stat().st_size + max(0, checkpoint_bytes - state_nbytes(state))  # + queues
+            free = free_bytes(run_dir)
+            if free < size:
+                loop.warned_room = True
+                log.warning("%s has %s bytes free, less than the %s bytes the next checkpoint "
+                            "needs: the run will stop with exit status 74 at the next save "
+                            "unless space is freed", run_dir, f"{free:,}", f"{size:,}")
         return path
 
     last_loss = float("nan")
@@ -582,13 +674,20 @@ def _train_epoch(loop: _Loop, epoch: int, first_step: int) -> Tuple[float, Optio
 
     cfg, dist_info, device = loop.cfg, loop.dist_info, loop.device
     base_lr, final_lr, start_warmup = loop.lrs
+    if loop.progress_lines is None:
+        loop.progress_lines = not sys.stdout.isatty()
+    # A redrawn bar is for a terminal; a log file (SLURM, nohup, CI) gets one plain line per
+    # log step instead of every redraw joined by carriage returns.
     bar = tqdm(total=loop.iters_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-               unit="step", disable=not dist_info.is_main, dynamic_ncols=True, file=sys.stdout)
+               unit="step", disable=not dist_info.is_main or loop.progress_lines,
+               dynamic_ncols=True, file=sys.stdout)
+    total_iterations = cfg.epochs * loop.iters_per_epoch
     images, skipped, tick, loss_sum, loss_count = 0, 0, time.perf_counter(), 0.0, 0
     warned_collapse = False
     batches = iter(loop.loader)
     for step_in_epoch in range(first_step, loop.iters_per_epoch):
         iteration = epoch * loop.iters_per_epoch + step_in_epoch
+        set_phase(f"iteration {iteration + 1} (epoch {epoch + 1}, step {step_in_epoch + 1})")
         loop.window.before_iteration(iteration)
         micro_batches = _next_micro_batches(loop, batches)
         if micro_batches is None:
@@ -606,6 +705,9 @@ def _train_epoch(loop: _Loop, epoch: int, first_step: int) -> Tuple[float, Optio
         images += sum(crops[0].shape[0] for crops, _ in micro_batches) * dist_info.world_size
         skipped += sum(int(n) for _, n in micro_batches)
         bar.update(1)
+        if loop.iterations_timed == 0:
+            loop.started = time.perf_counter()
+        loop.iterations_timed += 1
         log_step = (step_in_epoch + 1) % cfg.log_every == 0 or step_in_epoch + 1 == loop.iters_per_epoch
         if log_step:
             loop.nonfinite.check(dist_info.enabled)  # the host sync, every log_every steps
@@ -621,6 +723,9 @@ def _train_epoch(loop: _Loop, epoch: int, first_step: int) -> Tuple[float, Optio
                             "lower learning rate, a longer prototype freeze or a smaller epsilon",
                             iteration, value, math.log(cfg.n_prototypes), entropy)
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.1f}")
+            if loop.progress_lines and dist_info.is_main:
+                print(_progress_line(loop, epoch, step_in_epoch, iteration, total_iterations,
+                                     value, lr, rate), flush=True)
             loop.log.write(event="step", epoch=epoch, iteration=iteration, loss=value, lr=lr,
                            img_per_s=rate, code_entropy=entropy,
                            queue=None if loop.queue is None else bool(loop.queue.is_full()))
@@ -638,21 +743,54 @@ def _train_epoch(loop: _Loop, epoch: int, first_step: int) -> Tuple[float, Optio
     return mean, None
 
 
+def _progress_line(loop: _Loop, epoch: int, step_in_epoch: int, iteration: int,
+                   total_iterations: int, loss: float, lr: float, rate: float) -> str:
+    """One log line: where the run is, how fast, and the time left at this launch's pace
+    (the first step, which may compile, is left out of the pace once there are others)."""
+    eta = "?"
+    timed = loop.iterations_timed - 1
+    if timed > 0:
+        per_step = (time.perf_counter() - loop.started) / timed
+        left = per_step * (total_iterations - iteration - 1)
+        eta = time.strftime("%H:%M:%S", time.gmtime(left)) if left < 86400 \
+            else f"{left / 86400:.1f} d"
+    return (f"epoch {epoch + 1}/{loop.cfg.epochs} step {step_in_epoch + 1}/{loop.iters_per_epoch} "
+            f"(iteration {iteration + 1}/{total_iterations}): loss {loss:.4f} lr {lr:.4g} "
+            f"{rate:.1f} img/s ETA {eta}")
+
+
+def _reports() -> bool:
+    """Whether this process prints the errors every process meets: rank 0 alone."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # With several processes each of these is met by every rank alike and printed once.
     try:
         cfg, preset_name, resume = parse_args(argv)
         run(cfg, preset_name, resume)
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(f"error: {exc}", _reports())
         return 2
     except Diverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(f"error: {exc}", _reports())
         return EXIT_DIVERGED
+    except DiskFull as exc:
+        _report(f"error: {exc}", _reports())
+        return EXIT_DISK_FULL
+    except PeerFailed as exc:
+        _report(f"error: {exc}", exc.report)
+        return EXIT_PEER_FAILED
     except Preempted as exc:
-        print(f"fastswav: {exc}", file=sys.stderr, flush=True)
+        _report(f"fastswav: {exc}", _reports())
         return EXIT_PREEMPTED
     return 0
+
+
+def _report(line: str, reporter: bool) -> None:
+    if reporter:
+        print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
