@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._callable import make_callable
 from .checkpoint import (NoReadableCheckpoint, checkpoint_path, find_resumable, latest_checkpoint,
                          load_checkpoint, prune_checkpoints, queue_path, save_checkpoint,
                          set_aside_previous)
@@ -35,7 +36,7 @@ from .distributed import DistInfo, barrier, init_distributed, shutdown, sync_bn_
 from .faults import (EXIT_DIVERGED, EXIT_PREEMPTED, Diverged, NonFiniteTracker, PreemptionHandler,
                      Preempted, code_entropy_ratio, looks_collapsed)
 from .loss import SwAVLoss
-from .model import build_model
+from .model import arch_prefers_channels_last, build_model
 from .ops.sinkhorn import sinkhorn_knopp
 from .optim import LARS, lars_param_groups, learning_rate
 from .profiling import ProfileWindow, enable_nvtx, nvtx_range, parse_window
@@ -51,22 +52,43 @@ class UsageError(ValueError):
 
 # ---------------------------------------------------------------------------- CLI
 
-def _parser() -> argparse.ArgumentParser:
-    presets = "\n".join(f"  {name:<12} {desc}" for name, (desc, _) in PRESETS.items())
+def _preset_in(argv: Optional[Sequence[str]]) -> str:
+    """The --preset of a command line (the default when absent or unknown), read before the
+    full parser is built so that --help can show that preset's values."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=DEFAULT_PRESET)
+    name = pre.parse_known_args(argv)[0].preset
+    return name if name in PRESETS else DEFAULT_PRESET
+
+
+def _parser(preset_name: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
+    presets = "\n".join(f"  {name:<17} {desc}" for name, (desc, _) in PRESETS.items())
     parser = argparse.ArgumentParser(
         prog="python -m fastswav.train",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="SwAV self-supervised pretraining. Without --preset, runs the CPU demo "
                     "on CIFAR-10. Any config field can be overridden as --field=value "
                     "(lists comma-separated, booleans true/false).",
-        epilog=f"presets:\n{presets}\n\nconfig fields (--field=value):\n{field_help()}\n\n"
-               "Resumes automatically from the latest checkpoint in the output folder. "
-               "Multi-GPU: torchrun --nproc_per_node=8 -m fastswav.train --preset 100ep_fast ...\n"
-               "Profiling: nsys profile --capture-range=cudaProfilerApi python -m fastswav.train "
-               "... --profile=100:120\n\n"
-               "exit status: 0 done; 2 bad command line; 3 the loss became non-finite (earlier "
-               "checkpoints untouched); 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint "
-               "(run the same command again to resume).",
+        epilog=(
+            f"presets:\n{presets}\n\n"
+            f"config fields (--field=value), defaults of preset {preset_name} "
+            f"(--preset NAME --help shows another's):\n"
+            f"{field_help(preset(preset_name))}\n\n"
+            "resume:\n"
+            "  Resumes automatically from the latest checkpoint in the output folder;\n"
+            "  --no-resume starts over (the old checkpoints are moved aside).\n\n"
+            "multi-GPU:\n"
+            "  torchrun --nproc_per_node=8 -m fastswav.train --preset 100ep_fast --data PATH\n\n"
+            "profiling:\n"
+            "  nsys profile --capture-range=cudaProfilerApi python -m fastswav.train ... "
+            "--profile=100:120\n\n"
+            "exit status:\n"
+            "  0   done\n"
+            "  2   bad command line\n"
+            "  3   the loss became non-finite (earlier checkpoints untouched)\n"
+            "  75  stopped by SIGTERM/SIGUSR1 after writing a checkpoint (run the same command\n"
+            "      again to resume)\n\n"
+            "from Python: fastswav.train(data=..., preset=..., output_dir=..., **fields)"),
     )
     parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"recipe to start from (default {DEFAULT_PRESET})")
     parser.add_argument("--data", help="training data (overrides the preset's)")
@@ -80,7 +102,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[Config, str, bool]
 
     Raises :class:`UsageError` with a one-line message for bad input.
     """
-    parser = _parser()
+    parser = _parser(_preset_in(argv))
     args, rest = parser.parse_known_args(argv)
     try:
         cfg = preset(args.preset)
@@ -123,6 +145,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[Config, str, bool]
         cfg = cfg.replace(data=data, data_kind=kind)
     if cfg.data_kind != "torchvision-cifar10" and not os.path.exists(cfg.data):
         raise UsageError(f"data path not found: {cfg.data}")
+    try:
+        arch_prefers_channels_last(cfg.arch)  # builds the trunk's layers once: a bad name stops here
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return cfg, args.preset, not args.no_resume
 
 
@@ -161,7 +187,8 @@ def scaled_lr(cfg: Config, world_size: int) -> Tuple[float, float, float]:
 def use_channels_last(cfg: Config, device: torch.device) -> bool:
     # CPU stays NCHW: with torch 2.14, oneDNN's NHWC convolutions on small channel counts
     # gave different weights for two identical CPU runs (seen in tests/test_train.py).
-    return cfg.channels_last and device.type == "cuda"
+    # Transformer trunks gain nothing from NHWC, so only convolutional ones get it.
+    return cfg.channels_last and device.type == "cuda" and arch_prefers_channels_last(cfg.arch)
 
 
 class RunLog:
@@ -602,6 +629,42 @@ def _train_epoch(loop: _Loop, epoch: int, first_step: int) -> Tuple[float, Optio
     return mean, None
 
 
+def _as_argument(name: str, value) -> str:
+    """``--name=value`` as the command line writes it (lists comma-separated, booleans
+    true/false)."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, (list, tuple)):
+        text = ",".join(map(str, value))
+    else:
+        text = str(value)
+    return f"--{name}={text}"
+
+
+def train(data: Optional[str] = None, preset: str = DEFAULT_PRESET,
+          output_dir: Optional[str] = None, resume: bool = True, **fields) -> dict:
+    """Train from Python, as ``python -m fastswav.train`` would with the same arguments.
+
+    ``data``: training data (the preset's when None); ``preset``: the recipe to start from;
+    ``output_dir``: the run folder (default ``runs/<preset>``); ``resume``: continue from the
+    latest checkpoint in it; ``fields``: any config field (``epochs=2, arch="timm/..."``).
+    Returns the run's summary: ``run_dir``, final ``loss``, ``knn_init`` and ``knn_trained``
+    (None without kNN), ``train_seconds``, ``first_step_seconds``. Bad input raises
+    ValueError (:class:`UsageError`) with the command line's message; a diverged or
+    preempted run raises :class:`fastswav.faults.Diverged` / ``Preempted``.
+    """
+    argv = ["--preset", preset]
+    if data is not None:
+        argv += ["--data", os.fspath(data)]
+    if output_dir is not None:
+        argv += ["--output-dir", os.fspath(output_dir)]
+    if not resume:
+        argv.append("--no-resume")
+    argv += [_as_argument(name, value) for name, value in fields.items()]
+    cfg, preset_name, resume = parse_args(argv)
+    return run(cfg, preset_name, resume)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -618,6 +681,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_PREEMPTED
     return 0
 
+
+make_callable(__name__)  # fastswav.train(...) runs train() above
 
 if __name__ == "__main__":
     sys.exit(main())
