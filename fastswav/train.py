@@ -36,7 +36,7 @@ from .distributed import DistInfo, barrier, init_distributed, shutdown, sync_bn_
 from .faults import (EXIT_DIVERGED, EXIT_PREEMPTED, Diverged, NonFiniteTracker, PreemptionHandler,
                      Preempted, code_entropy_ratio, looks_collapsed)
 from .loss import SwAVLoss
-from .model import arch_prefers_channels_last, build_model
+from .model import arch_prefers_channels_last, build_model, parse_arch
 from .ops.sinkhorn import sinkhorn_knopp
 from .optim import LARS, lars_param_groups, learning_rate
 from .profiling import ProfileWindow, enable_nvtx, nvtx_range, parse_window
@@ -97,6 +97,28 @@ def _parser(preset_name: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
     return parser
 
 
+_RESNET_ONLY_FIELDS = {"small_images": False, "trunk_width": 0, "zero_init_residual": False}
+
+
+def _resnet_fields_off(cfg: Config, overrides: dict, preset_name: str) -> Config:
+    """``cfg`` with the preset's built-in-ResNet options turned off when the arch is a
+    torchvision or timm trunk (the demo's small-image stem means nothing there); the same
+    options given on the command line are refused."""
+    if not parse_arch(cfg.arch)[0]:
+        return cfg
+    inherited = {name: off for name, off in _RESNET_ONLY_FIELDS.items()
+                 if name not in overrides and getattr(cfg, name) != off}
+    if inherited:
+        print(f"fastswav: {', '.join(inherited)} of preset {preset_name} apply to the built-in "
+              f"ResNets only: off for {cfg.arch}", flush=True)
+        cfg = cfg.replace(**inherited)
+    given = [name for name, off in _RESNET_ONLY_FIELDS.items() if getattr(cfg, name) != off]
+    if given:
+        raise UsageError(f"{', '.join(given)} apply to the built-in ResNets only, not to "
+                         f"{cfg.arch}")
+    return cfg
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[Config, str, bool]:
     """Config, preset name and whether to resume, from the command line.
 
@@ -134,6 +156,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[Config, str, bool]
         cfg = cfg.replace(**overrides)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    cfg = _resnet_fields_off(cfg, overrides, args.preset)
     if not cfg.output_dir:
         cfg = cfg.replace(output_dir=os.path.join("runs", args.preset))
     if not cfg.data:
