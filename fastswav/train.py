@@ -569,10 +569,31 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
                 run_log.write(event="knn", epoch=cfg.epochs, knn_top1=knn_trained)
                 init_text = f"{knn_init:.2f}%" if knn_init is not None else "n/a"
                 print(f"kNN top-1: init {init_text} -> trained {knn_trained:.2f}%", flush=True)
+            if main:
+                title = f"{run_dir.name}: {cfg.arch}"
+                if knn_trained is not None:
+                    title += f", kNN top-1 {init_text} -> {knn_trained:.2f}%"
+                summary["neighbors_png"] = _neighbor_picture(cfg, model, device, run_dir, title)
         return summary
     finally:
         loop.window.close()
         run_log.close()
+
+
+def _neighbor_picture(cfg: Config, model: nn.Module, device: torch.device, run_dir: Path,
+                      title: str) -> Optional[str]:
+    """RUN/neighbors.png (see :func:`fastswav.plot.neighbor_grid`); a failure is a warning."""
+    from .plot import NEIGHBORS_NAME, neighbor_grid
+
+    try:
+        path = neighbor_grid(cfg, unwrap(model).trunk, run_dir / NEIGHBORS_NAME,
+                             max_memory=min(cfg.knn_max_train or 5000, 5000), device=device,
+                             title=title)
+    except Exception as exc:  # noqa: BLE001 (a picture is never worth the run's result)
+        log.warning("neighbour picture not written: %s", str(exc).strip().splitlines()[0][:200])
+        return None
+    print(f"nearest neighbours by the trained and the untrained trunk: {path}", flush=True)
+    return str(path)
 
 
 def _code_entropy(loop: _Loop, embeddings: torch.Tensor) -> float:
