@@ -81,13 +81,27 @@ def _builtin_resnet(arch: str, small_images: bool, width: int,
 LIBRARIES = ("torchvision", "timm")
 
 
+def _top_level_split(text: str) -> List[str]:
+    """``text`` split at the commas outside brackets: ``a=1,b=(1,2)`` -> ``a=1``, ``b=(1,2)``."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
 def parse_arch(arch: str) -> Tuple[str, str, Dict[str, Any]]:
     """``(library, model name, constructor keywords)`` of an arch string.
 
     ``resnet50`` -> ``("", "resnet50", {})`` (a built-in ResNet);
     ``torchvision/<name>`` and ``timm/<name>`` name a model of that library, optionally
-    followed by constructor keywords: ``timm/vit_tiny_patch16_224:patch_size=8,depth=6``
-    (values are Python literals, anything else a string).
+    followed by constructor keywords: ``timm/vit_tiny_patch16_224:patch_size=8,depth=6``,
+    ``timm/convnext_atto:depths=(1,1,1,1)`` (values are Python literals, anything else a
+    string).
     """
     library, slash, rest = arch.partition("/")
     if not slash:
@@ -98,7 +112,7 @@ def parse_arch(arch: str) -> Tuple[str, str, Dict[str, Any]]:
     if not name:
         raise ValueError(f"arch {arch!r} names no model after {library}/")
     kwargs: Dict[str, Any] = {}
-    for item in filter(None, (a.strip() for a in args.split(","))):
+    for item in filter(None, (a.strip() for a in _top_level_split(args))):
         key, eq, text = item.partition("=")
         if not eq or not key.strip().isidentifier():
             raise ValueError(f"arch {arch!r}: constructor keywords take the form key=value")
