@@ -50,7 +50,7 @@ def open_probe_inputs(args: argparse.Namespace, what: str):
             if len(source.classes) == 0 or int(source.labels.min()) < 0:
                 raise ValueError(f"{what} needs labelled images; the {name} images "
                                  f"in {source.path} have no labels")
-        trunk, image_size = load_trunk_from_checkpoint(resolve_checkpoint(args.checkpoint),
+        trunk, image_size = load_trunk_from_checkpoint(str(resolve_checkpoint(args.checkpoint)),
                                                        map_location="cpu")
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
