@@ -167,7 +167,10 @@ def _torchvision_trunk(name: str, kwargs: Dict[str, Any]) -> Tuple[nn.Module, in
     if name not in known:
         raise ValueError(f"unknown torchvision classification model {name!r}; list them with "
                          "torchvision.models.list_models(torchvision.models)")
-    net = torchvision.models.get_model(name, weights=None, **kwargs)
+    try:
+        net = torchvision.models.get_model(name, weights=None, **kwargs)
+    except TypeError as err:  # a keyword the constructor does not take
+        raise ValueError(f"torchvision/{name}: {err}") from None
     width = _classifier_removed(net)
     if not width:
         width = _width_by_forward(net)
@@ -187,7 +190,10 @@ def _timm_trunk(name: str, kwargs: Dict[str, Any]) -> Tuple[nn.Module, int]:
         # interpolated per input size); other models do not know the keyword.
         net = timm.create_model(name, dynamic_img_size=True, **kwargs)
     except TypeError:
-        net = timm.create_model(name, **kwargs)
+        try:
+            net = timm.create_model(name, **kwargs)
+        except TypeError as err:  # a keyword the constructor does not take
+            raise ValueError(f"timm/{name}: {err}") from None
     width = getattr(net, "head_hidden_size", None) or getattr(net, "num_features", 0)
     return net, int(width) or _width_by_forward(net)
 

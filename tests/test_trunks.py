@@ -45,6 +45,7 @@ def test_library_trunks_give_pooled_features_of_their_width(arch, width):
     ("torchvision/resnet_nope", r"torchvision.models.list_models\(torchvision.models\)"),
     ("timm/vit_nope", r"timm.list_models\(\)"),
     ("resnet19", "torchvision/<name> or timm/<name>"),
+    ("timm/resnet18:bogus=1", "unexpected keyword argument 'bogus'"),
 ])
 def test_unknown_names_are_one_line_errors(arch, message):
     with pytest.raises(ValueError, match=message) as info:
