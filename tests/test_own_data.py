@@ -64,6 +64,24 @@ def test_train_and_embed_are_callable_however_imported(tiny_folder, tmp_path):
         fastswav.train(data=str(tiny_folder), arch=TINY_MOBILENET, small_images=True)
 
 
+def test_a_fresh_interpreter_gets_callable_modules():
+    """``import fastswav`` alone (no submodule imported yet) gives callable train and embed."""
+    code = ("import fastswav, sys\n"
+            "assert 'fastswav.train' not in sys.modules\n"
+            "assert callable(fastswav.train) and callable(fastswav.embed)\n"
+            "from fastswav.train import main\n"
+            "import fastswav.train\n"
+            "assert fastswav.train.main is main and callable(fastswav.train)\n"
+            "try:\n"
+            "    fastswav.train(data='missing-folder')\n"
+            "except ValueError as err:\n"
+            "    print(err)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "data path not found: missing-folder"
+
+
 def test_help_shows_the_recipe_that_runs(capsys):
     from fastswav.train import main
 
