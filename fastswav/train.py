@@ -320,15 +320,15 @@ def knn_accuracy(cfg: Config, model: nn.Module, device: torch.device) -> Optiona
         # No preload: kNN reads only knn_max_train / knn_max_test of the images.
         train = open_source(cfg.data, split="train", kind=cfg.data_kind)
         test = open_source(cfg.data, split="test", kind=cfg.data_kind)
-    except (ValueError, FileNotFoundError) as exc:
+        return knn_eval(
+            unwrap(model).trunk, train, test, image_size=max(cfg.size_crops), k=cfg.knn_k,
+            temperature=cfg.knn_temperature, batch_size=256, device=device,
+            max_train=cfg.knn_max_train or None, max_test=cfg.knn_max_test or None,
+            num_workers=min(cfg.workers, 4),
+        )
+    except (ValueError, FileNotFoundError) as exc:  # unlabelled images, say: train anyway
         log.warning("kNN evaluation skipped: %s", exc)
         return None
-    return knn_eval(
-        unwrap(model).trunk, train, test, image_size=max(cfg.size_crops), k=cfg.knn_k,
-        temperature=cfg.knn_temperature, batch_size=256, device=device,
-        max_train=cfg.knn_max_train or None, max_test=cfg.knn_max_test or None,
-        num_workers=min(cfg.workers, 4),
-    )
 
 
 # ---------------------------------------------------------------------------- training

@@ -136,6 +136,11 @@ def test_embed_reads_flat_unlabelled_folders_and_zips(vit_run, tiny_folder, tmp_
     flat = _flat_folder(tiny_folder, tmp_path / "flat")
     result = fastswav.embed(vit_run, flat, progress=False)
     assert result["embeddings"].shape == (48, 32) and result["skipped"] == ["junk.png"]
+    # Training on unlabelled images: kNN is skipped, the neighbour picture still drawn.
+    summary = fastswav.train(data=str(flat), output_dir=str(tmp_path / "run"), resume=False,
+                             arch=TINY_VIT, knn_at_end=True, augment="pil",
+                             **dict(TINY_FIELDS, epochs=1))
+    assert summary["knn_trained"] is None and os.path.isfile(summary["neighbors_png"])
     archive = tmp_path / "images.zip"
     with zipfile.ZipFile(archive, "w") as z:
         for path in sorted(flat.glob("img*.png"))[:10]:
