@@ -31,10 +31,10 @@ class Config:
     blur_prob: float = field(default=0.5, metadata={"help": "Gaussian blur probability"})
     jitter_strength: float = field(default=1.0, metadata={"help": "colour jitter strength s (0.8s, 0.8s, 0.8s, 0.2s)"})
     # model
-    arch: str = field(default="resnet50", metadata={"help": "trunk: resnet18/34/50/101/152, resnet50w2/w4/w5"})
-    trunk_width: int = field(default=0, metadata={"help": "channels of the stem and first stage (0: the arch's own)"})
-    small_images: bool = field(default=False, metadata={"help": "3x3 stride-1 stem without max-pool (32x32 data)"})
-    zero_init_residual: bool = field(default=False, metadata={"help": "start the last BatchNorm of each residual block at zero (every block begins as the identity)"})
+    arch: str = field(default="resnet50", metadata={"help": "trunk: resnet18/34/50/101/152, resnet50w2/w4/w5 (built in), torchvision/<name> (any torchvision classification model) or timm/<name> (any timm model; pip install 'fastswav[timm]'), optionally with constructor keywords: timm/vit_tiny_patch16_224:patch_size=8"})
+    trunk_width: int = field(default=0, metadata={"help": "built-in ResNets: channels of the stem and first stage (0: the arch's own)"})
+    small_images: bool = field(default=False, metadata={"help": "built-in ResNets: 3x3 stride-1 stem without max-pool (32x32 data)"})
+    zero_init_residual: bool = field(default=False, metadata={"help": "built-in ResNets: start the last BatchNorm of each residual block at zero (every block begins as the identity)"})
     hidden_dim: int = field(default=2048, metadata={"help": "projection head hidden width (0: linear head)"})
     out_dim: int = field(default=128, metadata={"help": "embedding dimension"})
     n_prototypes: int = field(default=3000, metadata={"help": "number of prototypes K"})
@@ -314,13 +314,15 @@ def parse_value(name: str, text: str):
         raise ValueError(f"--{name}={text!r}: expected {type_name}") from None
 
 
-def field_help() -> str:
-    """One line per field for --help: name, type, default, description."""
+def field_help(defaults: typing.Optional[Config] = None) -> str:
+    """One line per field for --help: name, type, default, description. ``defaults``: the
+    config whose values are shown as the defaults (a preset's; the dataclass's when None)."""
     hints = typing.get_type_hints(Config)
     lines = []
     for f in fields(Config):
         hint = hints[f.name]
         type_name = "list" if typing.get_origin(hint) is tuple else hint.__name__
-        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        default = f.default if defaults is None else getattr(defaults, f.name)
+        default = ",".join(map(str, default)) if isinstance(default, tuple) else default
         lines.append(f"  --{f.name}=<{type_name}>  {f.metadata.get('help', '')} [default {default!r}]")
     return "\n".join(lines)

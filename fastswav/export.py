@@ -1,4 +1,4 @@
-"""Export a pretrained trunk as a plain torchvision or timm ResNet state dict.
+"""Export a pretrained trunk as a plain torchvision or timm state dict.
 
 A fastswav checkpoint holds the whole SwAV model (trunk, projection head, prototypes) plus
 the optimizer and the run's config. Downstream code usually wants only the trunk, under the
@@ -18,9 +18,17 @@ Trunks that a standard constructor cannot hold are refused: the small-image stem
 stride-1 conv, no max-pool), a non-standard ``trunk_width`` and the SwAV wide nets
 (``resnet50w2/w4/w5`` widen every stage, unlike torchvision's ``wide_resnet50_2``).
 
+A ``torchvision/<name>`` or ``timm/<name>`` trunk (see :func:`fastswav.model.build_trunk`)
+is already that library's model, less its classifier: it exports to its own library alone,
+as a state dict that ``torchvision.models.get_model(name)`` loads with ``strict=False``
+(only the classifier missing) and ``timm.create_model(name, num_classes=0)`` loads strictly
+(constructor keywords of the arch, ``timm/vit_tiny_patch16_224:patch_size=8``, passed to
+either again).
+
 Command line::
 
     python -m fastswav.export runs/100ep/checkpoint_epoch0100.pt --to torchvision
+    python -m fastswav.export runs/vit/checkpoint_epoch0006.pt      # a timm/ trunk: to timm
 """
 from __future__ import annotations
 
@@ -40,6 +48,8 @@ TARGETS = ("torchvision", "timm")
 STANDARD_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 _STANDARD_WIDTH = 64  # channels of the stem and first stage of every standard ResNet
 _TRUNK_PREFIX = "trunk."
+# State-dict keys of a classifier that the trunk does not have (fastswav.model drops it).
+_CLASSIFIER_PREFIXES = ("fc.", "classifier.", "heads.", "head.", "aux1.", "aux2.", "AuxLogits.")
 
 
 class ExportError(ValueError):
@@ -47,6 +57,13 @@ class ExportError(ValueError):
 
 
 def _check_exportable(cfg, target: str) -> None:
+    from .model import parse_arch
+
+    library = parse_arch(cfg.arch)[0]
+    if library:  # a torchvision or timm trunk: its own library's layout, nothing else
+        if target != library:
+            raise ExportError(f"arch {cfg.arch!r} is a {library} model: export it --to {library}")
+        return
     if target not in TARGETS:
         raise ExportError(f"unknown export target {target!r}: expected one of {', '.join(TARGETS)}")
     if cfg.arch not in STANDARD_ARCHS:
@@ -65,7 +82,22 @@ def _check_exportable(cfg, target: str) -> None:
 
 def target_constructor(arch: str, target: str):
     """A no-argument callable building ``arch`` (no pretrained weights) in ``target``'s
-    library. Raises ImportError when timm is asked for and not installed."""
+    library. Raises ImportError when timm is asked for and not installed.
+
+    For a ``torchvision/<name>`` or ``timm/<name>`` arch: ``get_model(name, weights=None,
+    **keywords)`` (with its classifier), ``timm.create_model(name, pretrained=False,
+    num_classes=0, **keywords)`` (without)."""
+    from .model import parse_arch
+
+    library, name, kwargs = parse_arch(arch)
+    if library == "torchvision":
+        import torchvision.models
+
+        return lambda: torchvision.models.get_model(name, weights=None, **kwargs)
+    if library == "timm":
+        import timm
+
+        return lambda: timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     if target == "torchvision":
         import torchvision.models
 
@@ -89,9 +121,10 @@ def trunk_state_dict(model_state: Dict[str, torch.Tensor]) -> "OrderedDict[str, 
 
 def check_loads_into(state: Dict[str, torch.Tensor], net: torch.nn.Module) -> None:
     """Load ``state`` into ``net`` with strict=False and insist that only the classifier
-    (``fc.*``) is missing and nothing is left over; shape mismatches raise from torch."""
+    (``fc.*``; for other torchvision models their ``classifier.*``, ``heads.*``, ``head.*`` or
+    auxiliary heads) is missing and nothing is left over; shape mismatches raise from torch."""
     result = net.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    missing = [k for k in result.missing_keys if not k.startswith(_CLASSIFIER_PREFIXES)]
     if missing or result.unexpected_keys:
         raise ExportError(f"exported weights do not match {type(net).__name__}: missing "
                           f"{missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}")
@@ -137,11 +170,24 @@ def export_trunk(checkpoint_path, target: str = "torchvision",
         try:
             build = target_constructor(cfg.arch, target)
         except ImportError:
-            log.warning("timm is not installed: exported without a load check "
-                        "(timm's %s uses torchvision's key names)", cfg.arch)
+            log.warning("timm is not installed: exported without a load check")
         else:
             check_loads_into(exported, build())
     return exported
+
+
+def _own_library(checkpoint_path) -> str:
+    """The library of the checkpoint's trunk; ExportError for a built-in ResNet (which both
+    libraries can hold, so --to must say)."""
+    from .checkpoint import load_checkpoint
+    from .model import parse_arch
+
+    state = load_checkpoint(checkpoint_path, map_location="cpu")
+    arch = (state.get("config") or {}).get("arch", "") if isinstance(state, dict) else ""
+    library = parse_arch(arch)[0] if arch else ""
+    if not library:
+        raise ExportError("--to torchvision or --to timm: the built-in ResNets load into either")
+    return library
 
 
 def default_output_path(checkpoint_path, target: str) -> Path:
@@ -164,8 +210,10 @@ def _parser() -> argparse.ArgumentParser:
             "runs/100ep/checkpoint_epoch0100.pt --to torchvision --output rn50_swav.pt"),
     )
     parser.add_argument("checkpoint", help="checkpoint written by fastswav.train")
-    parser.add_argument("--to", dest="target", required=True, choices=TARGETS,
-                        help="library whose ResNet the weights are laid out for")
+    parser.add_argument("--to", dest="target", default=None, choices=TARGETS,
+                        help="library whose model the weights are laid out for (needed for the "
+                             "built-in ResNets; a torchvision/ or timm/ trunk goes to its own "
+                             "library, the default)")
     parser.add_argument("--output", default=None,
                         help="where to write the state dict (default: next to the checkpoint, "
                              "<checkpoint>_trunk_<target>.pt)")
@@ -176,6 +224,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if args.target is None:
+            args.target = _own_library(args.checkpoint)
         state = export_trunk(args.checkpoint, args.target)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")

@@ -1,8 +1,11 @@
-"""SwAV network: a torchvision ResNet trunk, the MLP projection head and the prototypes."""
+"""SwAV network: a trunk (a built-in ResNet, or any torchvision or timm classification model
+without its classifier), the MLP projection head and the prototypes."""
 from __future__ import annotations
 
+import ast
+import functools
 import re
-from typing import List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,19 +54,12 @@ def _resnet_with_width(block, layers: List[int], width: int) -> resnet.ResNet:
     return net
 
 
-def build_trunk(arch: str, small_images: bool = False, width: int = 0,
-                zero_init_residual: bool = False) -> Tuple[nn.Module, int]:
-    """A ResNet trunk returning pooled features, and its feature width.
-
-    ``width`` (0: the arch's own) sets the channels of the stem and first stage.
-    ``small_images`` swaps the 7x7/stride-2 stem and max-pool for a 3x3/stride-1 stem, the
-    usual change for 32x32 inputs such as CIFAR-10. ``zero_init_residual`` starts the last
-    BatchNorm of every residual block at zero, so that each block begins as the identity
-    (torchvision's option of the same name; Goyal et al., 2017).
-    """
+def _builtin_resnet(arch: str, small_images: bool, width: int,
+                    zero_init_residual: bool) -> Tuple[nn.Module, int]:
     match = re.fullmatch(r"(resnet\d+)(?:w(\d+))?", arch)
     if not match or match.group(1) not in _DEPTHS or arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}, "
+                         "torchvision/<name> or timm/<name>")
     block, layers = _DEPTHS[match.group(1)]
     if width < 0:
         raise ValueError(f"width must be >= 0, got {width}")
@@ -84,16 +80,24 @@ def build_trunk(arch: str, small_images: bool = False, width: int = 0,
 
 
 def checkpoint_units(trunk: nn.Module) -> List[nn.Module]:
-    """The blocks whose activations :func:`checkpoint_activations_` recomputes in backward:
-    timm models' own choice where the trunk has it, else the residual blocks of a ResNet
-    (``layer1..4``), else the children of a ``features`` sequence, else the trunk's children
-    that hold parameters."""
+    """The blocks whose activations :func:`checkpoint_activations_` recomputes in backward
+    (timm models checkpoint their own blocks; this list is then what the memory estimate
+    counts): the residual blocks of a ResNet (``layer1..4``), else the children of a
+    ``features`` sequence (MobileNets, EfficientNets, ConvNeXt), else the longest sequence
+    of blocks (transformers), else the trunk's children that hold parameters."""
     stages = [getattr(trunk, f"layer{i}", None) for i in range(1, 5)]
     if all(isinstance(s, nn.Sequential) for s in stages):
         return [block for stage in stages for block in stage]
     features = getattr(trunk, "features", None)
     if isinstance(features, nn.Sequential):
         return list(features)
+    # A transformer's blocks (torchvision ViT's encoder.layers, timm's blocks): the longest
+    # sequence of modules with parameters.
+    sequences = [list(m) for m in trunk.modules() if isinstance(m, (nn.Sequential, nn.ModuleList))]
+    sequences = [[b for b in seq if any(True for _ in b.parameters())] for seq in sequences]
+    longest = max(sequences, key=len, default=[])
+    if len(longest) >= 2:
+        return longest
     return [m for m in trunk.children() if any(True for _ in m.parameters())]
 
 
@@ -128,6 +132,190 @@ def checkpoint_activations_(trunk: nn.Module) -> nn.Module:
     for block in checkpoint_units(trunk):
         block.__class__ = _checkpointed_class(type(block))
     return trunk
+
+
+LIBRARIES = ("torchvision", "timm")
+
+
+def _top_level_split(text: str) -> List[str]:
+    """``text`` split at the commas outside brackets: ``a=1,b=(1,2)`` -> ``a=1``, ``b=(1,2)``."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+def parse_arch(arch: str) -> Tuple[str, str, Dict[str, Any]]:
+    """``(library, model name, constructor keywords)`` of an arch string.
+
+    ``resnet50`` -> ``("", "resnet50", {})`` (a built-in ResNet);
+    ``torchvision/<name>`` and ``timm/<name>`` name a model of that library, optionally
+    followed by constructor keywords: ``timm/vit_tiny_patch16_224:patch_size=8,depth=6``,
+    ``timm/convnext_atto:depths=(1,1,1,1)`` (values are Python literals, anything else a
+    string).
+    """
+    library, slash, rest = arch.partition("/")
+    if not slash:
+        return "", arch, {}
+    if library not in LIBRARIES:
+        raise ValueError(f"unknown arch {arch!r}: a library prefix is torchvision/ or timm/")
+    name, _, args = rest.partition(":")
+    if not name:
+        raise ValueError(f"arch {arch!r} names no model after {library}/")
+    kwargs: Dict[str, Any] = {}
+    for item in filter(None, (a.strip() for a in _top_level_split(args))):
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise ValueError(f"arch {arch!r}: constructor keywords take the form key=value")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            kwargs[key.strip()] = text.strip()
+    return library, name, kwargs
+
+
+def _classifier_removed(net: nn.Module) -> int:
+    """Replace the classifier of a torchvision classification model by the identity (in
+    place); returns the width of the features it read, or 0 where that is not visible.
+
+    The classifier is the module under ``fc`` (ResNets, RegNets, GoogLeNet, ...), ``heads``
+    (ViT), ``head`` (Swin) or ``classifier`` (MobileNets, EfficientNets, ConvNeXt, DenseNet,
+    VGG, ...). Of a ``classifier`` Sequential only the layers from its first Linear on are
+    dropped, so that ConvNeXt keeps its final LayerNorm and Flatten; a convolutional
+    classifier (SqueezeNet) is replaced by global average pooling.
+    """
+    if getattr(net, "aux_logits", False):  # GoogLeNet, Inception v3: no auxiliary heads
+        net.aux_logits = False
+        for name in ("aux1", "aux2", "AuxLogits"):
+            if hasattr(net, name):
+                setattr(net, name, None)
+    for attr in ("fc", "heads", "head", "classifier"):
+        head = getattr(net, attr, None)
+        if not isinstance(head, nn.Module):
+            continue
+        layers = list(head) if isinstance(head, nn.Sequential) else [head]
+        first_linear = next((i for i, m in enumerate(layers) if isinstance(m, nn.Linear)), None)
+        if first_linear is None:
+            first_conv = next((i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)), None)
+            if first_conv is None:
+                continue
+            # A convolutional classifier (SqueezeNet): keep what precedes it, pool.
+            kept = [m for m in layers[:first_conv] if not isinstance(m, nn.Dropout)]
+            setattr(net, attr, nn.Sequential(*kept, nn.AdaptiveAvgPool2d(1)))
+            return layers[first_conv].in_channels
+        width = layers[first_linear].in_features
+        kept = [m for m in layers[:first_linear] if not isinstance(m, nn.Dropout)]
+        setattr(net, attr, nn.Sequential(*kept) if kept and isinstance(head, nn.Sequential)
+                else nn.Identity())
+        return width
+    return 0
+
+
+def _torchvision_trunk(name: str, kwargs: Dict[str, Any]) -> Tuple[nn.Module, int]:
+    import torchvision.models
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if name not in known:
+        raise ValueError(f"unknown torchvision classification model {name!r}; list them with "
+                         "torchvision.models.list_models(torchvision.models)")
+    try:
+        net = torchvision.models.get_model(name, weights=None, **kwargs)
+    except TypeError as err:  # a keyword the constructor does not take
+        raise ValueError(f"torchvision/{name}: {err}") from None
+    width = _classifier_removed(net)
+    if not width:
+        width = _width_by_forward(net)
+    return net, width
+
+
+def _timm_trunk(name: str, kwargs: Dict[str, Any]) -> Tuple[nn.Module, int]:
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(f"arch timm/{name} needs timm: pip install 'fastswav[timm]'") from None
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}; list them with timm.list_models()")
+    kwargs = dict(pretrained=False, num_classes=0, **kwargs)
+    try:
+        # Vision transformers take every crop size (their position embeddings are
+        # interpolated per input size); other models do not know the keyword.
+        net = timm.create_model(name, dynamic_img_size=True, **kwargs)
+    except TypeError:
+        try:
+            net = timm.create_model(name, **kwargs)
+        except TypeError as err:  # a keyword the constructor does not take
+            raise ValueError(f"timm/{name}: {err}") from None
+    width = getattr(net, "head_hidden_size", None) or getattr(net, "num_features", 0)
+    return net, int(width) or _width_by_forward(net)
+
+
+@torch.no_grad()
+def _width_by_forward(net: nn.Module) -> int:
+    was_training = net.training
+    net.eval()
+    try:
+        out = net(torch.zeros(1, 3, 224, 224))
+    finally:
+        net.train(was_training)
+    return int(out.flatten(1).shape[1])
+
+
+def build_trunk(arch: str, small_images: bool = False, width: int = 0,
+                zero_init_residual: bool = False) -> Tuple[nn.Module, int]:
+    """A trunk returning pooled features ``[B, D]``, and its feature width ``D``.
+
+    ``arch``: a built-in ResNet (:data:`ARCHS`), ``torchvision/<name>`` (any torchvision
+    classification model, no pretrained weights, classifier removed) or ``timm/<name>`` (any
+    timm model, ``timm.create_model(name, pretrained=False, num_classes=0)``; vision
+    transformers with ``dynamic_img_size=True`` so that every crop size runs), either with
+    optional constructor keywords (see :func:`parse_arch`).
+
+    For the built-in ResNets only: ``width`` (0: the arch's own) sets the channels of the stem
+    and first stage; ``small_images`` swaps the 7x7/stride-2 stem and max-pool for a
+    3x3/stride-1 stem, the usual change for 32x32 inputs such as CIFAR-10;
+    ``zero_init_residual`` starts the last BatchNorm of every residual block at zero, so that
+    each block begins as the identity (torchvision's option of the same name; Goyal et al.,
+    2017). Other trunks refuse them (ValueError).
+    """
+    library, name, kwargs = parse_arch(arch)
+    if not library:
+        return _builtin_resnet(arch, small_images, width, zero_init_residual)
+    used = [n for n, v in (("small_images", small_images), ("trunk_width", width),
+                           ("zero_init_residual", zero_init_residual)) if v]
+    if used:
+        raise ValueError(f"{', '.join(used)} apply to the built-in ResNets only, not to {arch}; "
+                         "set them to false/0 (constructor keywords go after the name: "
+                         f"{library}/{name}:key=value)")
+    if library == "torchvision":
+        return _torchvision_trunk(name, kwargs)
+    return _timm_trunk(name, kwargs)
+
+
+def is_convolutional(trunk: nn.Module) -> bool:
+    """Whether the trunk's work is convolutions (more than a patch-embedding Conv2d)."""
+    return sum(isinstance(m, nn.Conv2d) for m in trunk.modules()) > 1
+
+
+@functools.lru_cache(maxsize=16)
+def arch_prefers_channels_last(arch: str) -> bool:
+    """Whether ``arch`` is a convolutional trunk, for which NHWC (channels_last) memory
+    helps on GPUs; transformers gain nothing from it."""
+    library, _, _ = parse_arch(arch)
+    if not library:
+        return True
+    with torch.device("meta"):  # the layers only, no memory and no initialisation cost
+        try:
+            trunk, _ = build_trunk(arch)
+        except Exception:  # noqa: BLE001 (a model that cannot be built on meta: build it)
+            trunk = None
+    if trunk is None:
+        trunk, _ = build_trunk(arch)
+    return is_convolutional(trunk)
 
 
 class SwAVModel(nn.Module):

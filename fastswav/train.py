@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._callable import make_callable
 from .checkpoint import (NoReadableCheckpoint, check_room, checkpoint_path, find_resumable,
                          free_bytes, load_checkpoint, prune_checkpoints,
                          queue_path, remove_stale_temporaries, save_checkpoint,
@@ -39,7 +40,7 @@ from .faults import (EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PEER_FAILED, EXIT_PREEM
                      Diverged, NonFiniteTracker, PreemptionHandler, Preempted, code_entropy_ratio,
                      looks_collapsed)
 from .loss import SwAVLoss
-from .model import build_model
+from .model import arch_prefers_channels_last, build_model, parse_arch
 from .ops.sinkhorn import swav_codes
 from .optim import LARS, lars_param_groups, learning_rate
 from .profiling import ProfileWindow, enable_nvtx, nvtx_range, parse_window
@@ -55,22 +56,43 @@ class UsageError(ValueError):
 
 # ---------------------------------------------------------------------------- CLI
 
-def _parser() -> argparse.ArgumentParser:
-    presets = "\n".join(f"  {name:<12} {desc}" for name, (desc, _) in PRESETS.items())
+def _preset_in(argv: Optional[Sequence[str]]) -> str:
+    """The --preset of a command line (the default when absent or unknown), read before the
+    full parser is built so that --help can show that preset's values."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=DEFAULT_PRESET)
+    name = pre.parse_known_args(argv)[0].preset
+    return name if name in PRESETS else DEFAULT_PRESET
+
+
+def _parser(preset_name: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
+    presets = "\n".join(f"  {name:<17} {desc}" for name, (desc, _) in PRESETS.items())
     parser = argparse.ArgumentParser(
         prog="python -m fastswav.train",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="SwAV self-supervised pretraining. Without --preset, runs the CPU demo "
                     "on CIFAR-10. Any config field can be overridden as --field=value "
                     "(lists comma-separated, booleans true/false).",
-        epilog=f"presets:\n{presets}\n\nconfig fields (--field=value):\n{field_help()}\n\n"
-               "Resumes automatically from the latest checkpoint in the output folder. "
-               "Multi-GPU: torchrun --nproc_per_node=8 -m fastswav.train --preset 100ep_fast ...\n"
-               "Profiling: nsys profile --capture-range=cudaProfilerApi python -m fastswav.train "
-               "... --profile=100:120\n\n"
-               "exit status: 0 done; 2 bad command line; 3 the loss became non-finite (earlier "
-               "checkpoints untouched); 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint "
-               "(run the same command again to resume).",
+        epilog=(
+            f"presets:\n{presets}\n\n"
+            f"config fields (--field=value), defaults of preset {preset_name} "
+            f"(--preset NAME --help shows another's):\n"
+            f"{field_help(preset(preset_name))}\n\n"
+            "resume:\n"
+            "  Resumes automatically from the latest checkpoint in the output folder;\n"
+            "  --no-resume starts over (the old checkpoints are moved aside).\n\n"
+            "multi-GPU:\n"
+            "  torchrun --nproc_per_node=8 -m fastswav.train --preset 100ep_fast --data PATH\n\n"
+            "profiling:\n"
+            "  nsys profile --capture-range=cudaProfilerApi python -m fastswav.train ... "
+            "--profile=100:120\n\n"
+            "exit status:\n"
+            "  0   done\n"
+            "  2   bad command line\n"
+            "  3   the loss became non-finite (earlier checkpoints untouched)\n"
+            "  75  stopped by SIGTERM/SIGUSR1 after writing a checkpoint (run the same command\n"
+            "      again to resume)\n\n"
+            "from Python: fastswav.train(data=..., preset=..., output_dir=..., **fields)"),
     )
     parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"recipe to start from (default {DEFAULT_PRESET})")
     parser.add_argument("--data", help="training data (overrides the preset's)")
@@ -79,12 +101,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_RESNET_ONLY_FIELDS = {"small_images": False, "trunk_width": 0, "zero_init_residual": False}
+
+
+def _resnet_fields_off(cfg: Config, overrides: dict, preset_name: str) -> Config:
+    """``cfg`` with the preset's built-in-ResNet options turned off when the arch is a
+    torchvision or timm trunk (the demo's small-image stem means nothing there); the same
+    options given on the command line are refused."""
+    if not parse_arch(cfg.arch)[0]:
+        return cfg
+    inherited = {name: off for name, off in _RESNET_ONLY_FIELDS.items()
+                 if name not in overrides and getattr(cfg, name) != off}
+    if inherited:
+        print(f"fastswav: {', '.join(inherited)} of preset {preset_name} apply to the built-in "
+              f"ResNets only: off for {cfg.arch}", flush=True)
+        cfg = cfg.replace(**inherited)
+    given = [name for name, off in _RESNET_ONLY_FIELDS.items() if getattr(cfg, name) != off]
+    if given:
+        raise UsageError(f"{', '.join(given)} apply to the built-in ResNets only, not to "
+                         f"{cfg.arch}")
+    return cfg
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[Config, str, bool]:
     """Config, preset name and whether to resume, from the command line.
 
     Raises :class:`UsageError` with a one-line message for bad input.
     """
-    parser = _parser()
+    parser = _parser(_preset_in(argv))
     args, rest = parser.parse_known_args(argv)
     try:
         cfg = preset(args.preset)
@@ -116,6 +160,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[Config, str, bool]
         cfg = cfg.replace(**overrides)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    cfg = _resnet_fields_off(cfg, overrides, args.preset)
     if not cfg.output_dir:
         cfg = cfg.replace(output_dir=os.path.join("runs", args.preset))
     if not cfg.data:
@@ -127,6 +172,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[Config, str, bool]
         cfg = cfg.replace(data=data, data_kind=kind)
     if cfg.data_kind != "torchvision-cifar10" and not os.path.exists(cfg.data):
         raise UsageError(f"data path not found: {cfg.data}")
+    try:
+        arch_prefers_channels_last(cfg.arch)  # builds the trunk's layers once: a bad name stops here
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return cfg, args.preset, not args.no_resume
 
 
@@ -165,7 +214,8 @@ def scaled_lr(cfg: Config, world_size: int) -> Tuple[float, float, float]:
 def use_channels_last(cfg: Config, device: torch.device) -> bool:
     # CPU stays NCHW: with torch 2.14, oneDNN's NHWC convolutions on small channel counts
     # gave different weights for two identical CPU runs (seen in tests/test_train.py).
-    return cfg.channels_last and device.type == "cuda"
+    # Transformer trunks gain nothing from NHWC, so only convolutional ones get it.
+    return cfg.channels_last and device.type == "cuda" and arch_prefers_channels_last(cfg.arch)
 
 
 class RunLog:
@@ -281,15 +331,15 @@ def knn_accuracy(cfg: Config, model: nn.Module, device: torch.device) -> Optiona
         # No preload: kNN reads only knn_max_train / knn_max_test of the images.
         train = open_source(cfg.data, split="train", kind=cfg.data_kind)
         test = open_source(cfg.data, split="test", kind=cfg.data_kind)
-    except (ValueError, FileNotFoundError) as exc:
+        return knn_eval(
+            unwrap(model).trunk, train, test, image_size=max(cfg.size_crops), k=cfg.knn_k,
+            temperature=cfg.knn_temperature, batch_size=256, device=device,
+            max_train=cfg.knn_max_train or None, max_test=cfg.knn_max_test or None,
+            num_workers=min(cfg.workers, 4),
+        )
+    except (ValueError, FileNotFoundError) as exc:  # unlabelled images, say: train anyway
         log.warning("kNN evaluation skipped: %s", exc)
         return None
-    return knn_eval(
-        unwrap(model).trunk, train, test, image_size=max(cfg.size_crops), k=cfg.knn_k,
-        temperature=cfg.knn_temperature, batch_size=256, device=device,
-        max_train=cfg.knn_max_train or None, max_test=cfg.knn_max_test or None,
-        num_workers=min(cfg.workers, 4),
-    )
 
 
 # ---------------------------------------------------------------------------- training
@@ -631,10 +681,31 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
                 run_log.write(event="knn", epoch=cfg.epochs, knn_top1=knn_trained)
                 init_text = f"{knn_init:.2f}%" if knn_init is not None else "n/a"
                 print(f"kNN top-1: init {init_text} -> trained {knn_trained:.2f}%", flush=True)
+            if main:
+                title = f"{run_dir.name}: {cfg.arch}"
+                if knn_trained is not None:
+                    title += f", kNN top-1 {init_text} -> {knn_trained:.2f}%"
+                summary["neighbors_png"] = _neighbor_picture(cfg, model, device, run_dir, title)
         return summary
     finally:
         loop.window.close()
         run_log.close()
+
+
+def _neighbor_picture(cfg: Config, model: nn.Module, device: torch.device, run_dir: Path,
+                      title: str) -> Optional[str]:
+    """RUN/neighbors.png (see :func:`fastswav.plot.neighbor_grid`); a failure is a warning."""
+    from .plot import NEIGHBORS_NAME, neighbor_grid
+
+    try:
+        path = neighbor_grid(cfg, unwrap(model).trunk, run_dir / NEIGHBORS_NAME,
+                             max_memory=min(cfg.knn_max_train or 5000, 5000), device=device,
+                             title=title)
+    except Exception as exc:  # noqa: BLE001 (a picture is never worth the run's result)
+        log.warning("neighbour picture not written: %s", str(exc).strip().splitlines()[0][:200])
+        return None
+    print(f"nearest neighbours by the trained and the untrained trunk: {path}", flush=True)
+    return str(path)
 
 
 def _code_entropy(loop: _Loop, embeddings: torch.Tensor) -> float:
@@ -764,6 +835,42 @@ def _reports() -> bool:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0
 
 
+def _as_argument(name: str, value) -> str:
+    """``--name=value`` as the command line writes it (lists comma-separated, booleans
+    true/false)."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, (list, tuple)):
+        text = ",".join(map(str, value))
+    else:
+        text = str(value)
+    return f"--{name}={text}"
+
+
+def train(data: Optional[str] = None, preset: str = DEFAULT_PRESET,
+          output_dir: Optional[str] = None, resume: bool = True, **fields) -> dict:
+    """Train from Python, as ``python -m fastswav.train`` would with the same arguments.
+
+    ``data``: training data (the preset's when None); ``preset``: the recipe to start from;
+    ``output_dir``: the run folder (default ``runs/<preset>``); ``resume``: continue from the
+    latest checkpoint in it; ``fields``: any config field (``epochs=2, arch="timm/..."``).
+    Returns the run's summary: ``run_dir``, final ``loss``, ``knn_init`` and ``knn_trained``
+    (None without kNN), ``train_seconds``, ``first_step_seconds``. Bad input raises
+    ValueError (:class:`UsageError`) with the command line's message; a diverged or
+    preempted run raises :class:`fastswav.faults.Diverged` / ``Preempted``.
+    """
+    argv = ["--preset", preset]
+    if data is not None:
+        argv += ["--data", os.fspath(data)]
+    if output_dir is not None:
+        argv += ["--output-dir", os.fspath(output_dir)]
+    if not resume:
+        argv.append("--no-resume")
+    argv += [_as_argument(name, value) for name, value in fields.items()]
+    cfg, preset_name, resume = parse_args(argv)
+    return run(cfg, preset_name, resume)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # With several processes each of these is met by every rank alike and printed once.
@@ -792,6 +899,8 @@ def _report(line: str, reporter: bool) -> None:
     if reporter:
         print(line, file=sys.stderr, flush=True)
 
+
+make_callable(__name__)  # fastswav.train(...) runs train() above
 
 if __name__ == "__main__":
     sys.exit(main())

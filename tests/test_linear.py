@@ -112,7 +112,7 @@ def test_cli_official_mode_one_epoch(tiny_run, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--data", "train.beton"], "FFCV"),
+    (["--data", "train.beton"], "data path not found: train.beton"),
     (["--data", "/nonexistent/folder"], "not found"),
     (["--steps", "0"], "--steps"),
 ])

@@ -15,11 +15,14 @@ def add_probe_arguments(parser: argparse.ArgumentParser, train_split_help: str,
                         test_split_help: str) -> None:
     """--checkpoint, --data, --kind, --train-split and --test-split."""
     parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint written by fastswav.train (its trunk is evaluated)")
+                        help="checkpoint written by fastswav.train (its trunk is evaluated), or its "
+                             "run folder (the latest checkpoint)")
     parser.add_argument("--data", required=True,
                         help="image folder, zip of images, torchvision CIFAR-10 folder, or an "
                              "FFCV .beton of the training split (the test split's file is found "
-                             "by its name: imagenet_train.beton -> imagenet_val.beton)")
+                             "by its name: imagenet_train.beton -> imagenet_val.beton); the "
+                             "demo's CIFAR-10 zip, where absent, falls back to torchvision's "
+                             "CIFAR-10 as in training")
     parser.add_argument("--kind", default="auto", choices=DATA_KINDS,
                         help="how to read --data (default: auto, from the path)")
     parser.add_argument("--train-split", default="train", choices=SPLITS, help=train_split_help)
@@ -30,18 +33,22 @@ def open_probe_inputs(args: argparse.Namespace, what: str):
     """(train source, test source, trunk on the chosen device, image size, device) from the
     parsed arguments; exits with a one-line ``error:`` for a missing or unusable input.
     ``what`` names the evaluation in the message about unlabelled data."""
-    from fastswav.data.sources import open_source
+    from fastswav.data.sources import open_source, resolve_download
+    from fastswav.embed import resolve_checkpoint
     from fastswav.model import load_trunk_from_checkpoint  # lazy: the model module is heavier
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # download:cifar10, the demo's data, is torchvision's copy in the cache, as in training.
+    data, kind = resolve_download(args.data, args.kind)
     try:
-        train_source = open_source(args.data, args.train_split, args.kind)
-        test_source = open_source(args.data, args.test_split, args.kind)
+        train_source = open_source(data, args.train_split, kind)
+        test_source = open_source(data, args.test_split, kind)
         for name, source in (("training", train_source), ("test", test_source)):
             if len(source.classes) == 0 or int(source.labels.min()) < 0:
                 raise ValueError(f"{what} needs labelled images; the {name} images "
                                  f"in {source.path} have no labels")
-        trunk, image_size = load_trunk_from_checkpoint(args.checkpoint, map_location="cpu")
+        trunk, image_size = load_trunk_from_checkpoint(str(resolve_checkpoint(args.checkpoint)),
+                                                       map_location="cpu")
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     return train_source, test_source, trunk.to(device), image_size, device

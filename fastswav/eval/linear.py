@@ -305,9 +305,10 @@ def _parser() -> argparse.ArgumentParser:
             "at ImageNet scale. 'auto' picks fast up to %d training images." % FAST_MODE_MAX_IMAGES),
         epilog=(
             "Data: an image folder root/<class>/<image> (with train/ and test/ or val/ "
-            "subfolders), a zip laid out the same way, a torchvision CIFAR-10 folder, or "
-            "download:cifar10 (torchvision's CIFAR-10 in the download cache). FFCV .beton files are not supported yet: pass "
-            "the folder or zip they were written from. Example: python -m fastswav.eval.linear "
+            "subfolders), a zip laid out the same way, a torchvision CIFAR-10 folder, "
+            "download:cifar10 (torchvision's CIFAR-10 in the download cache), or an FFCV .beton "
+            "of the training split (the test split's file found by name; its images decoded "
+            "with numpy and PIL, no FFCV loader needed). Example: python -m fastswav.eval.linear "
             "--checkpoint runs/demo/checkpoint_epoch0006.pt --data download:cifar10"),
     )
     add_probe_arguments(parser, "split the classifier trains on (default: train)",
@@ -357,9 +358,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.exit(f"error: --val-fraction must lie in (0, 1), got {args.val_fraction}")
     if args.lr <= 0 or args.weight_decay < 0:
         sys.exit("error: --lr must be > 0 and --weight-decay >= 0")
-    if str(args.data).endswith(".beton"):
-        sys.exit(f"error: {args.data}: FFCV .beton files are not supported by the linear probe "
-                 "yet; pass the image folder or zip the file was written from")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     train_source, test_source, trunk, image_size, device = open_probe_inputs(
         args, "the linear probe")
