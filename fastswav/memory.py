@@ -18,11 +18,14 @@ and, on a GPU, the CUDA context, cuDNN/cuBLAS workspaces and the caching allocat
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
+
+log = logging.getLogger("fastswav")
 
 GiB = 2 ** 30
 # The backward's transient tensors (the gradient of the activation being processed, the
@@ -142,6 +145,27 @@ def _linear(batches, values) -> Tuple[int, int]:
     return max(int(m1 - b1 * per_image), 0), int(round(per_image))
 
 
+def _measure_at_probe_batches(cfg, dtype) -> List[Tuple[int, int]]:
+    """:func:`_measure_saved` of ``cfg``'s model (built in ``dtype``, plain forward) at each
+    probe batch, on whatever device and tensor mode are current."""
+    from .model import build_model, checkpoint_units
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = build_model(cfg.replace(checkpoint_activations=False))
+    finally:
+        torch.set_default_dtype(previous)
+    model.train()
+    units = checkpoint_units(model.trunk)
+    measured = []
+    for batch in _PROBE_BATCHES:
+        crops = [torch.randn(batch, 3, size, size, dtype=dtype)
+                 for n, size in zip(cfg.n_crops, cfg.size_crops) for _ in range(n)]
+        measured.append(_measure_saved(model, crops, units, cfg.checkpoint_activations))
+    return measured
+
+
 def activation_bytes(cfg, device_type: str = "cuda") -> Tuple[Tuple[int, int], Tuple[int, int]]:
     """``((bytes at batch 0, bytes per image), (the same for one recomputed block))``: what
     the step saves for backward, and with activation checkpointing the activations of the
@@ -149,24 +173,14 @@ def activation_bytes(cfg, device_type: str = "cuda") -> Tuple[Tuple[int, int], T
     small batches (no memory, any machine)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .model import build_model, checkpoint_units
-
     dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-    plain = cfg.replace(checkpoint_activations=False)
-    previous = torch.get_default_dtype()
-    with FakeTensorMode(), torch.device(device_type):
-        torch.set_default_dtype(dtype)
-        try:
-            model = build_model(plain)
-        finally:
-            torch.set_default_dtype(previous)
-        model.train()
-        units = checkpoint_units(model.trunk)
-        measured = []
-        for batch in _PROBE_BATCHES:
-            crops = [torch.randn(batch, 3, size, size, dtype=dtype)
-                     for n, size in zip(cfg.n_crops, cfg.size_crops) for _ in range(n)]
-            measured.append(_measure_saved(model, crops, units, cfg.checkpoint_activations))
+    try:
+        with FakeTensorMode(), torch.device(device_type):
+            measured = _measure_at_probe_batches(cfg, dtype)
+    except Exception as exc:  # noqa: BLE001 (a model that reads a value while it runs)
+        log.info("memory estimate: %s cannot run on fake tensors (%s); measuring on the CPU "
+                 "at %s images", cfg.arch, type(exc).__name__, " and ".join(map(str, _PROBE_BATCHES)))
+        measured = _measure_at_probe_batches(cfg, dtype)
     return (_linear(_PROBE_BATCHES, [kept for kept, _ in measured]),
             _linear(_PROBE_BATCHES, [largest for _, largest in measured]))
 
