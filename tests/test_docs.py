@@ -19,12 +19,9 @@ README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))
 BENCHMARK_NOTES = sorted((REPO / "benchmarks").glob("*.md"))
 
-# Pages written alongside this one and merged separately: linked from the docs index, and
-# tolerated ONLY while absent. Remove this set once they are in the tree.
-PENDING_DOCS = {"docs/fault_tolerance.md", "docs/memory.md", "docs/device_check.md",
+# Pages the README's documentation index must link.
+INDEXED_DOCS = {"docs/fault_tolerance.md", "docs/memory.md", "docs/device_check.md",
                 "docs/own_data.md"}
-# Notes still to be cleaned of words about how they were made (expected to fail until then).
-PENDING_CLEANUP = {"benchmarks/NOTES_train.md"}
 
 FORBIDDEN = [
     (re.compile(r"session", re.I), "a session"),
@@ -45,13 +42,7 @@ def _pages():
 
 
 def _page_params():
-    params = []
-    for page in _pages():
-        marks = ()
-        if _rel(page) in PENDING_CLEANUP:
-            marks = pytest.mark.xfail(reason="still to be cleaned", strict=False)
-        params.append(pytest.param(page, id=_rel(page), marks=marks))
-    return params
+    return [pytest.param(page, id=_rel(page)) for page in _pages()]
 
 
 @pytest.mark.parametrize("page", _page_params())
@@ -104,17 +95,16 @@ def test_relative_links_resolve(page):
         path = (page.parent / target).resolve() if target else page
         rel = path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
         if not path.exists():
-            if rel not in PENDING_DOCS:
-                broken.append(f"{link} (no {rel})")
+            broken.append(f"{link} (no {rel})")
             continue
         if anchor and path.suffix == ".md" and anchor not in _anchors(path):
             broken.append(f"{link} (no heading #{anchor} in {rel})")
     assert not broken, f"{_rel(page)}: broken links:\n" + "\n".join(broken)
 
 
-def test_pending_docs_are_linked_from_the_readme():
+def test_the_readme_links_every_doc_page():
     links = {(README.parent / link.partition("#")[0]).resolve() for link in _links(README)}
-    assert {REPO / p for p in PENDING_DOCS} <= links
+    assert {REPO / p for p in INDEXED_DOCS} | set(DOCS) <= links
 
 
 def test_readme_file_paths_exist():
@@ -123,7 +113,7 @@ def test_readme_file_paths_exist():
     missing = []
     for match in re.finditer(rf"(?<![\w/.~-])((?:{tops})/[\w./-]*\w)(?![\w/]*<)", text):
         path = match.group(1)
-        if not (REPO / path).exists() and path not in PENDING_DOCS:
+        if not (REPO / path).exists():
             missing.append(path)
     assert not missing, "README names paths that do not exist: " + ", ".join(sorted(set(missing)))
 
