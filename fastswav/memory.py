@@ -11,10 +11,10 @@ block's activations while it is recomputed.
 The rest is counted: float32 parameters, gradients (DDP uses them as its buckets) and the
 optimizer's momentum; autocast's bf16 weight copies; the crops of the step's micro-batches
 and of the batch being loaded; the loss's score matrices; the feature queue. A margin
-covers what is neither: the backward's transient tensors (10 % of the activations, and with
-checkpointing the gradients of the block being recomputed, as large as its activations)
-and, on a GPU, the CUDA context, cuDNN/cuBLAS workspaces and the caching allocator's slack
-(1.5 GiB).
+covers what is neither: the backward's transient tensors (10 % of the activations) and, on
+a GPU, the CUDA context, cuDNN/cuBLAS workspaces and the caching allocator's slack
+(1.5 GiB). With checkpointing the estimate is an upper bound: it keeps every block input
+and the largest block's activations at once.
 """
 from __future__ import annotations
 
@@ -191,11 +191,9 @@ def estimate(cfg, world_size: int = 1, device_type: str = "cuda") -> MemoryEstim
 
     with torch.device("meta"):
         n_params = sum(p.numel() for p in build_model(cfg.replace(checkpoint_activations=False)).parameters())
-    (fixed, per_image), (block_fixed, block_per_image) = activation_bytes(cfg, device_type)
+    (fixed, per_image), _ = activation_bytes(cfg, device_type)
     batch = cfg.batch_size
     activations = fixed + per_image * batch
-    # checkpointed: the gradients of the block being recomputed, its activations once more
-    recompute_grads = block_fixed + block_per_image * batch
     pixels = sum(n * 3 * size * size for n, size in zip(cfg.n_crops, cfg.size_crops))
     n_assign = len(cfg.crops_for_assign)
     global_micro = cfg.batch_size * world_size
@@ -213,7 +211,7 @@ def estimate(cfg, world_size: int = 1, device_type: str = "cuda") -> MemoryEstim
         inputs=4 * pixels * batch * (cfg.grad_accum + 1),
         loss=4 * cfg.n_prototypes * (2 * cfg.total_crops * batch + n_assign * (queue_rows + batch)),
         queue=4 * n_assign * queue_rows * cfg.out_dim,
-        transients=int(TRANSIENT_FRACTION * activations) + recompute_grads,
+        transients=int(TRANSIENT_FRACTION * activations),
         reserved=GPU_RESERVED_BYTES if gpu else 0,
     )
 
