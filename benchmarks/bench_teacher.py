@@ -29,7 +29,6 @@ import argparse
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 CPU_SMOKE = "--cpu-smoke" in sys.argv
@@ -42,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_loss import bench_ms  # noqa: E402
 from roofline import CARD_BANDWIDTH_GBS  # noqa: E402
-from common import RESULTS_DIR, ResultWriter, device_name, shape_key  # noqa: E402
+from common import RESULTS_DIR, ResultWriter, device_name, shape_key, run_then_exit  # noqa: E402
 
 N_TEACHER, N_STUDENT, TEACHER_TEMP, STUDENT_TEMP, ITERS = 2, 10, 0.07, 0.1, 3
 
@@ -217,16 +216,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-        exit_code = 0
-    except SystemExit:
-        raise  # argparse: nothing was compiled yet
-    except BaseException:  # noqa: BLE001 - reported, then the same quick exit
-        traceback.print_exc()
-        exit_code = 1
-    # Rows are written (each CSV append closes its file); flush and leave at once, skipping
-    # interpreter shutdown, where torch 2.11 could wait minutes for inductor's compile workers.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(exit_code)
+    run_then_exit(main)

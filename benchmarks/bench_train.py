@@ -82,7 +82,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from bench_loss import official_distributed_sinkhorn, official_swapped_prediction  # noqa: E402  (once)
-from common import ResultWriter, device_name, shape_key  # noqa: E402
+from common import ResultWriter, device_name, shape_key, run_then_exit  # noqa: E402
 
 from fastswav.config import preset  # noqa: E402
 from fastswav.loss import SwAVLoss, swav_loss  # noqa: E402
@@ -920,15 +920,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        exit_code = main()
-    except SystemExit:
-        raise  # argparse: nothing was compiled yet
-    except BaseException:  # noqa: BLE001 - reported, then the same quick exit
-        traceback.print_exc()
-        exit_code = 1
-    # Rows are written (each CSV append closes its file); flush and leave at once, skipping
-    # interpreter shutdown, where torch 2.11 could wait minutes for inductor's compile workers.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(exit_code)
+    run_then_exit(main)

@@ -90,3 +90,23 @@ class ResultWriter:
                 writer.writeheader()
             writer.writerows(self.rows)
         return path
+
+
+def run_then_exit(main) -> None:
+    """Run ``main`` (returning an exit code or None), then leave at once with ``os._exit``:
+    rows are written (each CSV append closes its file), output is flushed, and interpreter
+    shutdown, where torch 2.11 could wait minutes for inductor's compile workers, is skipped.
+    argparse's SystemExit passes through (nothing was compiled yet)."""
+    import sys
+    import traceback
+
+    try:
+        exit_code = main() or 0
+    except SystemExit:
+        raise
+    except BaseException:  # noqa: BLE001 - reported, then the same quick exit
+        traceback.print_exc()
+        exit_code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
