@@ -46,7 +46,7 @@ def test_resnet50_saves_about_129_mib_per_multicrop_image_under_bf16():
 
 
 _PEAK_SCRIPT = textwrap.dedent("""
-    import json, os, resource, sys
+    import json, os, sys
     import torch
     from fastswav.config import preset
     from fastswav.loss import SwAVLoss
@@ -67,7 +67,10 @@ _PEAK_SCRIPT = textwrap.dedent("""
     with open("/proc/self/statm") as f:
         before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     step([torch.randn(batch, 3, s, s) for s in shapes], None, 0.1, False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM is this process's own peak; ru_maxrss is not: Linux carries the parent's peak
+    # across fork and exec, so under a long pytest session it read the parent's size
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     est = estimate(cfg, 1, "cpu")
     # what the step adds to a process that holds the model, its gradients and momentum
     added = est.total - est.parameters - est.gradients - est.optimizer_state
