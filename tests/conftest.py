@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def shared_data():
-    """Path of ../shared/data (override with FASTSWAV_SHARED_DATA)."""
+    """The folder holding cifar10-jpeg.zip (SHARED_DATA above; FASTSWAV_SHARED_DATA overrides)."""
     path = os.path.abspath(SHARED_DATA)
     if not os.path.isdir(path):
         pytest.fail(f"shared data folder not found at {path}; set FASTSWAV_SHARED_DATA")

@@ -272,7 +272,7 @@ def test_fused_loss_other_precisions(precision):
 
 @pytest.mark.parametrize("precision", ["ieee", "tf32"])
 def test_unfilled_queue_far_above_the_batch_gives_finite_codes(precision):
-    """The NaN of issue 12: rows of a queue that is not valid yet are left out of the
+    """A NaN seen once in both Sinkhorns: rows of a queue that is not valid yet are left out of the
     per-prototype max; their scores lie far above it (queue = the prototypes the batch points
     away from, epsilon 0.01) and exp of them overflowed before the 0 weight was applied.
     The queue is partly filled (zero rows after the first 10)."""

@@ -1,4 +1,4 @@
-"""Learning checks on real CIFAR-10 images (../shared/data/cifar10-jpeg.zip).
+"""Learning checks on real CIFAR-10 images (cifar10-jpeg.zip in the test data folder).
 
 - the fused (Triton, interpreted on the CPU) and the reference loss paths, same seed and
   data, give the same loss curve over the first steps of a real training run;

@@ -68,7 +68,7 @@ _PEAK_SCRIPT = textwrap.dedent("""
         before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     step([torch.randn(batch, 3, s, s) for s in shapes], None, 0.1, False)
     # VmHWM is this process's own peak; ru_maxrss is not: Linux carries the parent's peak
-    # across fork and exec, so under a long pytest session it read the parent's size
+    # across fork and exec, so under a long pytest run it read the parent's size
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     est = estimate(cfg, 1, "cpu")
