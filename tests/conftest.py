@@ -89,3 +89,13 @@ def write_files(root, files):
         with open(path, "wb") as f:
             f.write(data)
     return str(root)
+
+
+def loss_and_grads(fn, emb, protos, grad_out, **kwargs):
+    """(loss, embedding gradient, prototype gradient) of ``fn(emb, protos, **kwargs)`` on
+    fresh leaf copies of the inputs, the loss back-propagated with ``grad_out``."""
+    e = emb.detach().clone().requires_grad_()
+    c = protos.detach().clone().requires_grad_()
+    loss = fn(e, c, **kwargs)
+    loss.backward(grad_out)
+    return loss.detach(), e.grad, c.grad

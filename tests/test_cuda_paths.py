@@ -24,6 +24,8 @@ import torch
 from fastswav.ops.fused_loss import swav_loss_fused
 from fastswav.ops.loss import swav_loss_reference
 
+from conftest import loss_and_grads
+
 triton = pytest.importorskip("triton")
 
 N_CROPS, BATCH, N_PROTOS, DIM, QUEUE_LEN = 8, 64, 3000, 128, 3841
@@ -57,14 +59,6 @@ def test_the_shape_selects_the_one_launch_round_on_a_gpu(precision):
 
 def _max_rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
-
-
-def _loss_and_grads(fn, emb, protos, grad_out, **kwargs):
-    e = emb.detach().clone().requires_grad_()
-    c = protos.detach().clone().requires_grad_()
-    loss = fn(e, c, **kwargs)
-    loss.backward(grad_out)
-    return loss.detach(), e.grad, c.grad
 
 
 @pytest.fixture
@@ -106,10 +100,10 @@ def test_one_launch_round_matches_the_reference(precision, dtype, valid, pass_la
                   queue_valid=torch.tensor(valid, device="cuda"),
                   sinkhorn_iterations=SINKHORN_ITERATIONS)
 
-    got = _loss_and_grads(swav_loss_fused, emb, protos, grad_out, precision=precision, **kwargs)
+    got = loss_and_grads(swav_loss_fused, emb, protos, grad_out, precision=precision, **kwargs)
     torch.cuda.synchronize()
     assert len(pass_launches) == SINKHORN_ITERATIONS - 1, "the one-launch round did not run"
-    want = _loss_and_grads(swav_loss_reference, emb, protos, grad_out, **kwargs)
+    want = loss_and_grads(swav_loss_reference, emb, protos, grad_out, **kwargs)
 
     loss_rtol, grad_rtol = TOLERANCES[precision]
     if dtype == torch.bfloat16:

@@ -35,6 +35,8 @@ from fastswav.ops import fused_loss
 from fastswav.ops.fused_loss import sinkhorn_and_loss, swav_loss_fused
 from fastswav.ops.loss import assignment_codes, swapped_prediction_loss, swav_loss_reference
 
+from conftest import loss_and_grads
+
 triton = pytest.importorskip("triton")
 
 CPU_GRAD_RTOL = 2e-5
@@ -216,18 +218,10 @@ def _inputs(n_crops, batch, n_protos, dim, q_len, dtype, device, seed, n_assign=
     return emb, protos, queue
 
 
-def _loss_and_grads(fn, emb, protos, grad_out, **kwargs):
-    e = emb.detach().clone().requires_grad_()
-    c = protos.detach().clone().requires_grad_()
-    loss = fn(e, c, **kwargs)
-    loss.backward(grad_out)
-    return loss.detach(), e.grad, c.grad
-
-
 def _compare(emb, protos, grad_out, loss_rtol, grad_rtol, **kwargs):
-    got = _loss_and_grads(swav_loss_fused, emb, protos, grad_out, **kwargs)
+    got = loss_and_grads(swav_loss_fused, emb, protos, grad_out, **kwargs)
     kwargs.pop("precision", None)  # the reference is exact
-    want = _loss_and_grads(swav_loss_reference, emb, protos, grad_out, **kwargs)
+    want = loss_and_grads(swav_loss_reference, emb, protos, grad_out, **kwargs)
     assert torch.isfinite(got[0]) and torch.isfinite(got[1]).all() and torch.isfinite(got[2]).all()
     assert got[1].dtype == emb.dtype and got[2].dtype == protos.dtype
     assert torch.allclose(got[0], want[0].float(), rtol=loss_rtol, atol=0), (got[0], want[0])
@@ -337,8 +331,8 @@ def test_custom_op_fake_and_compile_one_graph():
 
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(step, backend=counter, fullgraph=True)
-    got = _loss_and_grads(lambda e, c: compiled(e, c, queue), emb, protos, torch.tensor(1.0))
-    want = _loss_and_grads(lambda e, c: step(e, c, queue), emb, protos, torch.tensor(1.0))
+    got = loss_and_grads(lambda e, c: compiled(e, c, queue), emb, protos, torch.tensor(1.0))
+    want = loss_and_grads(lambda e, c: step(e, c, queue), emb, protos, torch.tensor(1.0))
     assert counter.frame_count == 1
     for g, w in zip(got, want):
         assert torch.allclose(g, w, rtol=1e-6, atol=1e-7)
@@ -382,7 +376,7 @@ def test_distributed_fused_loss_equals_single_process():
         mp.spawn(_dist_worker, args=(world, _free_port(), emb, protos, queue, n_crops, result),
                  nprocs=world)
         result = dict(result)
-    single = _loss_and_grads(swav_loss_fused, emb, protos, torch.tensor(1.0), n_crops=n_crops,
+    single = loss_and_grads(swav_loss_fused, emb, protos, torch.tensor(1.0), n_crops=n_crops,
                              queue=queue, queue_valid=torch.tensor(1.0), precision="ieee")
     reference = swav_loss_reference(emb, protos, n_crops=n_crops, queue=queue,
                                     queue_valid=torch.tensor(1.0))
@@ -431,9 +425,9 @@ def test_fused_loss_compiles_to_one_graph_cuda():
                                queue_valid=torch.tensor(1.0, device="cuda"))
 
     counter = CompileCounterWithBackend("inductor")
-    got = _loss_and_grads(torch.compile(step, backend=counter, fullgraph=True), emb, protos,
+    got = loss_and_grads(torch.compile(step, backend=counter, fullgraph=True), emb, protos,
                           torch.tensor(1.0, device="cuda"))
-    want = _loss_and_grads(step, emb, protos, torch.tensor(1.0, device="cuda"))
+    want = loss_and_grads(step, emb, protos, torch.tensor(1.0, device="cuda"))
     assert counter.frame_count == 1
     for g, w in zip(got, want):
         assert torch.allclose(g, w, rtol=1e-5, atol=1e-7)
