@@ -30,6 +30,9 @@ def test_arch_strings_parse():
     ("torchvision/squeezenet1_1", 512),
     (TINY_VIT, 32),
     ("timm/resnet18", 512),
+    # the small-image trunks docs/own_data.md and the README name (dilated: resolution kept)
+    ("timm/regnetx_002:output_stride=8", 368),
+    ("torchvision/mobilenet_v3_small:dilated=True", 576),
 ])
 def test_library_trunks_give_pooled_features_of_their_width(arch, width):
     trunk, feat_dim = build_trunk(arch)
