@@ -377,7 +377,7 @@ def test_distributed_fused_loss_equals_single_process():
                  nprocs=world)
         result = dict(result)
     single = loss_and_grads(swav_loss_fused, emb, protos, torch.tensor(1.0), n_crops=n_crops,
-                             queue=queue, queue_valid=torch.tensor(1.0), precision="ieee")
+                            queue=queue, queue_valid=torch.tensor(1.0), precision="ieee")
     reference = swav_loss_reference(emb, protos, n_crops=n_crops, queue=queue,
                                     queue_valid=torch.tensor(1.0))
     mean_loss = (result[0][0] + result[1][0]) / world
@@ -426,7 +426,7 @@ def test_fused_loss_compiles_to_one_graph_cuda():
 
     counter = CompileCounterWithBackend("inductor")
     got = loss_and_grads(torch.compile(step, backend=counter, fullgraph=True), emb, protos,
-                          torch.tensor(1.0, device="cuda"))
+                         torch.tensor(1.0, device="cuda"))
     want = loss_and_grads(step, emb, protos, torch.tensor(1.0, device="cuda"))
     assert counter.frame_count == 1
     for g, w in zip(got, want):
