@@ -115,12 +115,11 @@ class Config:
         if self.augment not in ("pil", "batched"):
             raise ValueError(f"augment={self.augment!r}: expected pil or batched")
         from .profiling import parse_window
-        from .step import COMPILE_MODES
+        from .step import check_compile_mode
 
         if self.loss_precision not in PRECISIONS:
             raise ValueError(f"loss_precision={self.loss_precision!r}: expected one of {', '.join(PRECISIONS)}")
-        if self.compile not in COMPILE_MODES:
-            raise ValueError(f"compile={self.compile!r}: expected one of {', '.join(COMPILE_MODES)}")
+        check_compile_mode(self.compile, self.grad_accum)
         parse_window(self.profile)
         if self.sync_bn_group_size < 0 or self.ddp_bucket_mb < 1:
             raise ValueError("sync_bn_group_size must be >= 0 and ddp_bucket_mb >= 1")

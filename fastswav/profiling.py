@@ -12,7 +12,8 @@ record only those iterations. NVTX ranges (``data``, ``h2d``, ``augment``, ``for
 ``nvtx`` package when it is installed, else from ``torch.cuda.nvtx`` on CUDA; they are
 emitted only when enabled (``--nvtx=true``, or any ``--profile`` window), so a normal run
 pays nothing. Inside torch.compile'd code ranges are skipped (a Python call there would
-break the graph): a compiled forward shows as one ``forward`` range.
+break the graph): a compiled forward shows as one ``forward`` range, the compiled loss as
+one ``loss`` range.
 """
 from __future__ import annotations
 
@@ -71,17 +72,30 @@ def nvtx_enabled() -> bool:
     return _push is not None
 
 
-@contextlib.contextmanager
-def nvtx_range(name: str):
-    """An NVTX range named ``name`` around the block (nothing when disabled or compiling)."""
-    if _push is None or torch.compiler.is_compiling():
-        yield
-        return
-    _push(name)
-    try:
-        yield
-    finally:
+class _Range:
+    """One pushed NVTX range (a class, not a generator: dynamo cannot resume a frame broken
+    inside a generator-based context manager, and would run the whole frame eagerly)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        _push(self.name)
+
+    def __exit__(self, *exc):
         _pop()
+        return False
+
+
+def nvtx_range(name: str):
+    """A context manager: an NVTX range named ``name`` around the block, or nothing when
+    ranges are off or the code is being compiled (a ``nullcontext``, which dynamo traces
+    away: the compiled region shows as the range around its call)."""
+    if _push is None or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return _Range(name)
 
 
 class ProfileWindow:

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
+from compile_violations import ViolatingHead
 from fastswav import profiling
+from fastswav.compile_counts import CompileCounts
 from fastswav.loss import SwAVLoss
 from fastswav.model import SwAVModel
 from fastswav.optim import LARS, lars_param_groups
@@ -31,7 +33,8 @@ def _crops(batch=6, seed=1, dtype=torch.float32):
            [torch.randn(batch, 3, 8, 8, generator=g, dtype=dtype) for _ in range(3)]
 
 
-def _run_steps(compile_mode, backend, n_steps=3, dtype=torch.float32):
+def _run_steps(compile_mode, backend, n_steps=3, dtype=torch.float32, counts_after_first=None):
+    torch._dynamo.reset()  # code caches of earlier tests' models: no recompile limit reached
     model, optimizer = _tiny(dtype=dtype)
     criterion = SwAVLoss(n_crops=5, crops_for_assign=(0, 1))
     step = TrainStep(model, criterion, optimizer, compile_mode=compile_mode, compile_backend=backend)
@@ -40,6 +43,8 @@ def _run_steps(compile_mode, backend, n_steps=3, dtype=torch.float32):
     for i in range(n_steps):
         loss, emb = step(_crops(seed=i, dtype=dtype), queue, lr=0.1, freeze_prototypes=i == 0)
         losses.append(loss)
+        if i == 0 and counts_after_first is not None:
+            counts_after_first.append(CompileCounts.read())
         assert emb.shape == (5 * 6, 8) and not emb.requires_grad
     return torch.stack(losses), model, queue
 
@@ -52,14 +57,38 @@ def _assert_same_training(a, b, atol):
     assert torch.allclose(queue_a.embeddings, queue_b.embeddings, atol=atol)
 
 
-def test_traced_step_equals_eager_and_is_one_graph():
-    """AOTAutograd-traced (no C++ compile): same losses, weights and queue as eager, and the
-    whole forward + loss + queue push traced as one frame (no graph breaks)."""
+def test_traced_step_equals_eager_and_compiles_whole_graphs_once():
+    """AOTAutograd-traced (no C++ compile): same losses, weights and queue as eager; the
+    forward and the loss with its queue push are one graph each (no DDP here, so no bucket
+    splits), no frame runs eagerly, nothing compiles again after the first step."""
     eager = _run_steps("none", "inductor")
     counter = CompileCounterWithBackend("aot_eager")
-    traced = _run_steps("default", counter)
+    CompileCounts.clear()
+    traced = _run_steps("default", counter, counts_after_first=(first := []))
     _assert_same_training(eager, traced, atol=1e-5)
-    assert counter.frame_count == 1, f"{counter.frame_count} frames: the step graph broke"
+    counts = CompileCounts.read()
+    assert counts.problems(first[0]) == []
+    assert counter.frame_count == 2 and counts.graphs == 2, counts
+
+
+@pytest.mark.parametrize("kind,reported", [("graph_break", "graph break"),
+                                           ("break_in_context_manager", "run eagerly"),
+                                           ("recompile", "compiled again")])
+def test_the_compile_guard_fails_on_each_injected_violation(kind, reported):
+    """The guard above, seen failing: a break, a break where dynamo cannot resume (it runs
+    the frame eagerly and counts no break), a guard that fails every step."""
+    torch._dynamo.reset()
+    model, optimizer = _tiny()
+    model.head = ViolatingHead(model.head, kind)
+    step = TrainStep(model, SwAVLoss(n_crops=5), optimizer, compile_mode="default",
+                     compile_backend="eager")
+    CompileCounts.clear()
+    step(_crops(seed=0), None, lr=0.1, freeze_prototypes=False)
+    first = CompileCounts.read()
+    for seed in (1, 2):
+        step(_crops(seed=seed), None, lr=0.1, freeze_prototypes=False)
+    problems = CompileCounts.read().problems(first)
+    assert any(reported in p for p in problems), problems
 
 
 @pytest.mark.slow
@@ -139,9 +168,24 @@ def test_cli_profile_and_compile_errors_are_one_line(capsys):
     assert "compile='fast'" in capsys.readouterr().err
 
 
+def test_reduce_overhead_with_gradient_accumulation_is_refused_in_one_line(capsys):
+    """A CUDA-graph replay would free the gradients the previous micro-batch allocated in
+    the graph pool: refused at start, before any data is read or model built."""
+    from fastswav.train import main
+
+    assert main(["--preset", "100ep_fast", "--compile=reduce-overhead",
+                 "--data", "/nonexistent"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "grad_accum=2" in err[0], err
+    model, optimizer = _tiny()
+    step = TrainStep(model, SwAVLoss(n_crops=5), optimizer, compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="reduce-overhead cannot accumulate"):
+        step([_crops(seed=0), _crops(seed=1)], None, lr=0.1, freeze_prototypes=False)
+
+
 def test_unknown_compile_mode_is_refused():
     model, optimizer = _tiny()
-    with pytest.raises(ValueError, match="compile mode"):
+    with pytest.raises(ValueError, match="compile='turbo'"):
         TrainStep(model, SwAVLoss(n_crops=5), optimizer, compile_mode="turbo")
 
 
