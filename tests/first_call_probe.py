@@ -17,7 +17,7 @@ os.environ["FASTSWAV_BACKEND"] = "fused"
 
 import torch  # noqa: E402
 
-from host_traffic import HostTrafficTrace, launches_stubbed, live_tensors  # noqa: E402
+from host_traffic import probe_first_call  # noqa: E402
 
 
 def _swav_loss(precision, with_queue):
@@ -93,17 +93,7 @@ def main() -> int:
     import fastswav.kernels.scores, fastswav.kernels.sinkhorn  # noqa: F401,E401
     import fastswav.kernels.swapped_ce, fastswav.kernels.teacher  # noqa: F401,E401
 
-    report = {}
-    for name, call in CASES.items():
-        with launches_stubbed() as kernels:
-            before = live_tensors()
-            trace = HostTrafficTrace()
-            with trace:
-                call()
-            after = live_tensors()
-        kept = [f"{shape}" for key, shape in after.items() if key not in before]
-        report[name] = {"kernels": sorted(set(kernels)), "host": trace.found, "ops": trace.ops,
-                        "kept": kept}
+    report = {name: probe_first_call(call) for name, call in CASES.items()}
     print(json.dumps(report))
     return 0
 

@@ -70,3 +70,17 @@ def live_tensors() -> dict:
     """id -> shape of every tensor object alive in this process (after a collection)."""
     gc.collect()
     return {id(o): tuple(o.shape) for o in gc.get_objects() if isinstance(o, torch.Tensor)}
+
+
+def probe_first_call(call) -> dict:
+    """Run ``call`` once with launches stubbed, traced for host traffic: the kernels it
+    launched, what the trace found, how many ops it saw, and the shapes of the tensors the
+    call left alive (made during it, still referenced once it returned)."""
+    with launches_stubbed() as kernels:
+        before = live_tensors()
+        trace = HostTrafficTrace()
+        with trace:
+            call()
+        after = live_tensors()
+    kept = [f"{shape}" for key, shape in after.items() if key not in before]
+    return {"kernels": sorted(set(kernels)), "host": trace.found, "ops": trace.ops, "kept": kept}

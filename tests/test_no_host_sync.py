@@ -110,6 +110,58 @@ def test_training_step_never_touches_the_host(monkeypatch):
     assert trace.found == []
 
 
+@pytest.mark.parametrize("violation,reported", [("item", "host read"),
+                                                ("tensor_from_list", "tensor from host data")])
+def test_the_step_trace_fails_on_an_injected_host_read_or_copy(monkeypatch, violation, reported):
+    """The step guard above, seen failing: the same traced step with a ``.item()`` (what a
+    logging line in the step would do) or a tensor built from a Python list in the loss."""
+    monkeypatch.setenv("FASTSWAV_BACKEND", "fused")
+    from fastswav.loss import SwAVLoss
+    from fastswav.model import SwAVModel
+    from fastswav.optim import LARS, lars_param_groups
+    from fastswav.step import TrainStep
+
+    class LossWithViolation(SwAVLoss):
+        def forward(self, embeddings, prototypes, queue=None):
+            loss = super().forward(embeddings, prototypes, queue)
+            if violation == "item":
+                loss.item()
+            else:
+                loss = loss * torch.tensor([1.0]).sum()
+            return loss
+
+    torch.manual_seed(0)
+    model = SwAVModel("resnet18", hidden_dim=16, out_dim=8, n_prototypes=7, small_images=True,
+                      width=4)
+    optimizer = LARS(lars_param_groups(model, True), lr=0.1, weight_decay=1e-4)
+    step = TrainStep(model, LossWithViolation(n_crops=3, crops_for_assign=(0, 1)), optimizer)
+    crops = [torch.randn(4, 3, 16, 16) for _ in range(2)] + [torch.randn(4, 3, 8, 8)]
+    with launches_stubbed():
+        trace = HostTrafficTrace()
+        with trace:
+            step(crops, None, lr=0.1, freeze_prototypes=False)
+    assert any(reported in f for f in trace.found), trace.found
+
+
+_MODULE_LEVEL_CACHE = {}
+
+
+def test_the_kept_tensor_probe_fails_on_a_module_level_cache():
+    """The first-call probe's "kept" check, seen failing: an op that caches a device tensor
+    in a module-level dict on its first call (the pattern that once hid in an index cache)."""
+    from host_traffic import probe_first_call
+
+    def op_with_cache():
+        x = torch.randn(5, 3)
+        index = _MODULE_LEVEL_CACHE.setdefault("index", torch.arange(3))
+        return x[:, index].sum()
+
+    _MODULE_LEVEL_CACHE.clear()
+    report = probe_first_call(op_with_cache)
+    assert report["kept"] == ["(3,)"], report
+    assert probe_first_call(lambda: torch.randn(5, 3).sum())["kept"] == []
+
+
 def test_first_call_of_every_fused_op_copies_nothing_and_keeps_nothing():
     """In a fresh process: the first call of the SwAV loss (three precisions, with and
     without a queue), the teacher Sinkhorn-Knopp and cross-entropy, the queue push and the
