@@ -24,23 +24,26 @@ Variants, each measured with its own fresh model and optimizer:
   :class:`fastswav.loss.SwAVLoss` (the fused Triton loss on CUDA), :class:`fastswav.optim.LARS`.
 - ``fastswav_compiled_<mode>``: the same step with ``compile_mode=<mode>`` for each of
   ``--modes``; ``compile_s`` is the warm-up's time beyond ``--warmup`` steady steps.
-- ``100ep_fast``: what ``python -m fastswav.train --preset 100ep_fast`` runs per GPU (its
-  model, optimizer, loss and BatchNorm, read from ``fastswav.config.preset``), compiled in
-  each mode of ``--preset-modes`` (default the preset's own ``compile`` mode, then
-  ``reduce-overhead``; the shape key says which), at each batch of ``--batches`` (default
-  the preset's per-GPU batch). With ``grad_accum`` > 1 in the preset, a row's batch is one
-  micro-step's (the figure is one micro-step's images/s; each timed call also runs the
-  optimizer). Where the preset sets ``sync_bn``, the BatchNorm layers are SyncBatchNorm in a
-  one-process gloo group (at world size 1 torch runs their local batch-norm path, but the
-  compiled code is that of the SyncBatchNorm module). Each compiled run also records
-  ``graph_breaks`` (dynamo's graph-break count over the warm-up) and ``compiled_graphs``.
+- ``100ep_fast``: the step ``python -m fastswav.train --preset 100ep_fast`` runs per GPU:
+  its model, optimizer, loss and BatchNorm (read from ``fastswav.config.preset``) in
+  :class:`fastswav.step.TrainStep`, wrapped in DistributedDataParallel over a one-process
+  group (NCCL on CUDA, gloo in the CPU dry run), every timed step one whole optimizer step of
+  the preset's ``grad_accum`` micro-batches (``no_sync`` on all but the last, DDP's
+  all-reduce, the optimizer); ``img_per_s`` counts batch x grad_accum images per step. Compiled
+  in each mode of ``--preset-modes`` (default the preset's own ``compile`` mode, then
+  ``reduce-overhead`` where the preset does not accumulate: the step refuses that pair), at
+  each batch of ``--batches`` (default the preset's per-GPU batch; a row's ``B`` is one
+  micro-batch). Where the preset sets ``sync_bn`` the BatchNorm layers are SyncBatchNorm (on
+  CUDA). Each compiled row also records what dynamo did (fastswav.compile_counts):
+  ``compiled_graphs``, ``graph_breaks``, ``frames_run_eagerly`` and
+  ``recompiles_after_first_step``; any of the last three above 0 is printed as a PROBLEM.
 - ``100ep_fast_data`` (only with ``--data``): the same step fed by fastswav's own loader
   (``fastswav.train.build_data``) instead of synthetic tensors.
 
 All variants run under bf16 autocast and channels_last on CUDA (the official code used apex
 O1 fp16; here every variant gets the same precision and layout, so the comparison isolates
-the code), on one card without DDP/SyncBatchNorm (and so without the all_reduce calls of
-a multi-GPU run). Per variant: ``step_ms`` (median of the timed steps, CUDA events between
+the code), on one card; only the preset's variants run under DDP (at one process: its hooks
+and bucketing, not the cost of a multi-GPU all-reduce). Per variant: ``step_ms`` (median of the timed steps, CUDA events between
 consecutive steps, so host-side waits count), ``img_per_s`` (batch / median step),
 ``peak_mem_gb`` (``torch.cuda.max_memory_allocated``, reset between variants), ``mfu``
 (model FLOPs counted with ``FlopCounterMode`` for the actual crop sizes, fwd+bwd, over the
@@ -84,12 +87,13 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from bench_loss import official_distributed_sinkhorn, official_swapped_prediction  # noqa: E402  (once)
 from common import ResultWriter, device_name, shape_key, run_then_exit  # noqa: E402
 
+from fastswav.compile_counts import CompileCounts  # noqa: E402
 from fastswav.config import preset  # noqa: E402
 from fastswav.loss import SwAVLoss, swav_loss  # noqa: E402
 from fastswav.model import SwAVModel, build_model, build_trunk  # noqa: E402
 from fastswav.optim import LARS, lars_param_groups  # noqa: E402
 from fastswav.queue import FeatureQueue  # noqa: E402
-from fastswav.step import COMPILE_MODES, TrainStep  # noqa: E402
+from fastswav.step import COMPILE_MODES, TrainStep, check_compile_mode  # noqa: E402
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 EPOCHS = (100, 200, 400, 800)
@@ -293,15 +297,18 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_steps(step_fn: Callable[[], torch.Tensor], warmup: int, steps: int,
-               device: torch.device):
+               device: torch.device, after_first: Optional[Callable[[], None]] = None):
     """(warm-up step seconds, timed step ms, final loss). Warm-up steps are synchronised one
-    by one; timed steps run back to back between CUDA events (perf_counter on the CPU)."""
+    by one; timed steps run back to back between CUDA events (perf_counter on the CPU).
+    ``after_first`` is called once the first step is done."""
     warm, loss = [], None
-    for _ in range(warmup):
+    for i in range(max(warmup, 1 if after_first else 0)):
         start = time.perf_counter()
         loss = step_fn()
         synchronize(device)
         warm.append(time.perf_counter() - start)
+        if i == 0 and after_first is not None:
+            after_first()
     times = []
     if device.type == "cuda":
         events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
@@ -363,37 +370,28 @@ def preset_shape(batch: int, mode: Optional[str] = None) -> dict:
 
     cfg = preset(PRESET)
     dims = dict(queue=process_queue_length(cfg.replace(batch_size=batch), 1),
-                grad_accum=getattr(cfg, "grad_accum", 1),
-                bn="sync" if cfg.sync_bn else "plain")
+                grad_accum=cfg.grad_accum, ddp=1, bn="sync" if cfg.sync_bn else "plain")
     if mode is not None:
         dims["compile"] = mode
     return dims
 
 
 @contextlib.contextmanager
-def one_process_group(enabled: bool):
-    """A world-size-1 gloo process group while the block runs (when ``enabled`` and none
-    exists), so that SyncBatchNorm layers see an initialised group, as in a real run."""
+def one_process_group(device: torch.device):
+    """A world-size-1 process group while the block runs (NCCL on CUDA, gloo on the CPU),
+    unless one exists: the preset's step runs under DDP (and SyncBatchNorm, where the preset
+    sets it) as in a real run, with their hooks and bucketing, at one process."""
     import torch.distributed as dist
 
-    if not enabled or dist.is_initialized():
+    if dist.is_initialized():
         yield
         return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield
     finally:
         dist.destroy_process_group()
-
-
-def dynamo_counts():
-    """(graph breaks, compiled graphs, break reasons) from dynamo's counters since the last
-    ``counters.clear()``."""
-    from torch._dynamo.utils import counters
-
-    breaks = counters.get("graph_break", {})
-    graphs = counters.get("stats", {}).get("unique_graphs", 0)
-    return sum(breaks.values()), graphs, dict(breaks)
 
 
 def release(device: torch.device) -> None:
@@ -470,9 +468,10 @@ class Bench:
         self.flush()
 
     def record(self, variant: str, batch: int, warm, times, loss: float, compiled: bool,
-               note: str = "", shape_extra=None, wall_s: Optional[float] = None) -> None:
+               note: str = "", shape_extra=None, wall_s: Optional[float] = None,
+               images_per_step: Optional[int] = None) -> None:
         step_ms = statistics.median(times)
-        ips = batch / (step_ms / 1e3)
+        ips = (images_per_step or batch) / (step_ms / 1e3)
         peak = torch.cuda.max_memory_allocated(self.device) / 1e9 if self.cuda else None
         compile_s = max(0.0, sum(warm) - len(warm) * step_ms / 1e3) if compiled else None
         mfu = (self.flops_per_sample * ips / (self.peak_tflops * 1e12) * 100
@@ -575,7 +574,11 @@ class Bench:
         return cfg
 
     def _preset_step(self, cfg):
-        from fastswav.train import build_optimizer, process_queue_length, scaled_lr, use_channels_last
+        """The preset's step as fastswav.train builds it per GPU: its model (SyncBatchNorm
+        where it says so), DDP over the current process group, its optimizer, loss, queue and
+        compile mode. Call inside :func:`one_process_group`."""
+        from fastswav.train import (build_optimizer, process_queue_length, scaled_lr,
+                                    use_channels_last, wrap_ddp)
 
         a = self.args
         torch.manual_seed(cfg.seed)
@@ -584,6 +587,8 @@ class Bench:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if use_channels_last(cfg, self.device):
             model = model.to(memory_format=torch.channels_last)
+        ddp_device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else self.device
+        model = wrap_ddp(cfg, model, ddp_device)
         optimizer = build_optimizer(cfg, model, scaled_lr(cfg, 1)[0])
         criterion = SwAVLoss(cfg.total_crops, cfg.crops_for_assign, cfg.temperature, cfg.epsilon,
                              cfg.sinkhorn_iterations)
@@ -594,44 +599,76 @@ class Bench:
         lr = scaled_lr(cfg, 1)[0]
         return step, queue, lr, use_channels_last(cfg, self.device)
 
-    def run_preset(self, batch: int, mode: str) -> None:
-        from torch._dynamo.utils import counters
+    def _record_compile_counts(self, variant: str, shape: str, first: CompileCounts) -> str:
+        """Rows and a printed line for what dynamo did over the run; returns a note."""
+        counts = CompileCounts.read()
+        problems = counts.problems(first)
+        add = self.writer.add
+        add(variant, shape, "compiled_graphs", counts.graphs, "count")
+        add(variant, shape, "graph_breaks", counts.graph_breaks, "count")
+        add(variant, shape, "frames_run_eagerly", counts.frames_eager, "count")
+        add(variant, shape, "recompiles_after_first_step", counts.recompiles_since(first), "count")
+        print(f"  {variant}: {counts.summary()}, {counts.recompiles_since(first)} recompiled "
+              "after the first step" + "".join(f"\n    PROBLEM: {p}" for p in problems),
+              flush=True)
+        return "; ".join(problems) if problems else "whole graphs, compiled once"
 
+    def _timed_preset(self, variant: str, batch: int, cfg, shape_extra: dict, next_micro_batch,
+                      warmup: int, steps: int, note: str, started: float) -> None:
+        """Times the preset's whole optimizer step (every micro-batch of ``grad_accum``,
+        ``no_sync`` on all but the last, DDP's all-reduce, the optimizer): images/s counts
+        ``batch x grad_accum`` images per step."""
+        accum = cfg.grad_accum
+        CompileCounts.clear()
+        first = []
+        with one_process_group(self.device):
+            step, queue, lr, channels_last = self._preset_step(cfg)
+
+            def one_step():
+                micro = [next_micro_batch(channels_last) for _ in range(accum)]
+                return step(micro if accum > 1 else micro[0], queue, lr, False)[0]
+
+            warm, times, loss = time_steps(one_step, warmup, steps, self.device,
+                                           after_first=lambda: first.append(CompileCounts.read()))
+        note = f"compile={cfg.compile}, whole step of {accum} micro-batch(es) under 1-process DDP" \
+            + (f", {note}" if note else "")
+        if cfg.sync_bn and not self.cuda:
+            note += ", plain BatchNorm (SyncBatchNorm needs CUDA)"
+        shape = self.shape(batch, **shape_extra)
+        if cfg.compile != "none":
+            note += "; " + self._record_compile_counts(variant, shape, first[0])
+        self.record(variant, batch, warm, times, loss, compiled=cfg.compile != "none", note=note,
+                    shape_extra=shape_extra, wall_s=time.perf_counter() - started,
+                    images_per_step=batch * accum)
+
+    def run_preset(self, batch: int, mode: str) -> None:
         a = self.args
         started = time.perf_counter()
         release(self.device)
         torch._dynamo.reset()
-        counters.clear()
         cfg = self.preset_config(batch, compile=mode)
         shape_extra = preset_shape(batch, mode)
         if cfg.sync_bn and not self.cuda:
             shape_extra["bn"] = "plain"  # torch's SyncBatchNorm refuses CPU tensors
-        accum = getattr(cfg, "grad_accum", 1)
-        with one_process_group(cfg.sync_bn and self.cuda):
-            step, queue, lr, channels_last = self._preset_step(cfg)
-            crops = synthetic_crops(batch, cfg.n_crops, cfg.size_crops, self.device, channels_last)
-            warm, times, loss = time_steps(lambda: step(crops, queue, lr, False)[0], a.warmup,
-                                           a.steps, self.device)
-        note = f"compile={mode}" + (f", one micro-step of grad_accum={accum}" if accum > 1 else "")
-        if cfg.sync_bn and not self.cuda:
-            note += ", plain BatchNorm (SyncBatchNorm needs CUDA)"
-        if mode != "none":
-            breaks, graphs, reasons = dynamo_counts()
-            shape = self.shape(batch, **shape_extra)
-            self.writer.add(PRESET, shape, "graph_breaks", breaks, "count")
-            self.writer.add(PRESET, shape, "compiled_graphs", graphs, "count")
-            print(f"  {PRESET} B={batch} compile={mode}: {breaks} graph break(s), {graphs} "
-                  f"compiled graph(s)" + "".join(f"\n    break x{n}: {reason.splitlines()[0]}"
-                                                 for reason, n in reasons.items()), flush=True)
-            note += f", {breaks} graph break(s)"
-        self.record(PRESET, batch, warm, times, loss, compiled=mode != "none", note=note,
-                    shape_extra=shape_extra, wall_s=time.perf_counter() - started)
+        # one set of synthetic crops per micro-batch, reused step after step
+        sets = [synthetic_crops(batch, cfg.n_crops, cfg.size_crops, self.device, False, seed=i)
+                for i in range(cfg.grad_accum)]
+        turn = iter(range(10 ** 9))
+
+        def next_micro_batch(channels_last):
+            crops = sets[next(turn) % len(sets)]
+            return [c.contiguous(memory_format=torch.channels_last) for c in crops] \
+                if channels_last else crops
+
+        self._timed_preset(PRESET, batch, cfg, shape_extra, next_micro_batch, a.warmup, a.steps,
+                           "", started)
 
     def run_preset_data(self, batch: int) -> None:
         from fastswav.distributed import DistInfo
         from fastswav.train import build_data
 
         a = self.args
+        started = time.perf_counter()
         release(self.device)
         torch._dynamo.reset()
         extra = dict(data=a.data)
@@ -639,10 +676,9 @@ class Bench:
             extra["workers"] = a.data_workers
         cfg = self.preset_config(batch, **extra)
         source, loader = build_data(cfg, DistInfo(), self.device)
-        step, queue, lr, channels_last = self._preset_step(cfg)
         state = dict(epoch=0, batches=None)
 
-        def next_crops():
+        def next_micro_batch(channels_last):
             while True:
                 if state["batches"] is None:
                     loader.set_epoch(state["epoch"])
@@ -658,14 +694,11 @@ class Bench:
                 crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
             return crops
 
-        def data_step():
-            return step(next_crops(), queue, lr, False)[0]
-
-        warm, times, loss = time_steps(data_step, a.data_warmup, a.data_steps, self.device)
-        self.record(f"{PRESET}_data", batch, warm, times, loss, compiled=cfg.compile != "none",
-                    note=f"compile={cfg.compile}, {len(source)} images, workers={cfg.workers}, "
-                         f"augment={cfg.augment}",
-                    shape_extra=dict(preset_shape(batch, cfg.compile), data="real"))
+        self._timed_preset(f"{PRESET}_data", batch, cfg,
+                           dict(preset_shape(batch, cfg.compile), data="real"), next_micro_batch,
+                           a.data_warmup, a.data_steps,
+                           f"{len(source)} images, workers={cfg.workers}, augment={cfg.augment}",
+                           started)
 
     def attempt(self, variant: str, batch: int, fn: Callable[[], None], estimate_s: float,
                 shape_extra=None, exempt: bool = False) -> bool:
@@ -717,8 +750,9 @@ class Bench:
         print(f"notes: model fwd+bwd = {gflop:.2f} GFLOP per sample (FlopCounterMode, "
               f"{'+'.join(f'{n}x{s}' for n, s in zip(a.n_crops, a.sizes))}); card peak {peak}.")
         print("  Every variant runs bf16 autocast + channels_last on CUDA (the official code used "
-              "apex O1 fp16), so the comparison isolates the code. One card: no DDP, "
-              "no all_reduce (SyncBatchNorm only where the preset sets sync_bn, at world size 1).")
+              "apex O1 fp16), so the comparison isolates the code. One card: the preset's rows run "
+              "its whole accumulated step under 1-process DDP (hooks and buckets, no multi-GPU "
+              "all-reduce); the others run without DDP.")
         print("  Projections assume linear scaling to 8 GPUs (no communication cost) and a data "
               "loader that keeps up (synthetic on-device inputs, except *_data rows).")
         print(f"  speedup_vs_official_eager: img/s over official_eager at B={a.batch} in this run. "
@@ -764,8 +798,9 @@ def parse_args(argv=None):
                              "error row")
     parser.add_argument("--preset-modes", default=None,
                         help="comma list of compile modes for the 100ep_fast variant (default "
-                             "the preset's own mode, then reduce-overhead); the preset's own "
-                             "mode at its own batch is never skipped for --budget-s")
+                             "the preset's own mode, then reduce-overhead where the preset does "
+                             "not accumulate gradients); the preset's own mode at its own batch "
+                             "is never skipped for --budget-s")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 30; smoke 2)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="warm-up steps before timing, compilation included (default 15; smoke 1)")
@@ -823,13 +858,17 @@ def parse_args(argv=None):
         args.batches = [int(b) for b in args.batches.split(",") if b]
     args.batches = list(dict.fromkeys(args.batches))
     if args.preset_modes is None:
+        # reduce-overhead cannot accumulate gradients: tried only where the preset does not
         args.preset_modes = [args.preset_mode] + (
-            [] if smoke or args.preset_mode == "reduce-overhead" else ["reduce-overhead"])
+            [] if smoke or args.preset_mode == "reduce-overhead" or cfg.grad_accum > 1
+            else ["reduce-overhead"])
     else:
         args.preset_modes = list(dict.fromkeys(m for m in args.preset_modes.split(",") if m))
     for mode in args.preset_modes:
-        if mode not in COMPILE_MODES:
-            parser.error(f"--preset-modes: {mode!r} is not one of {', '.join(COMPILE_MODES)}")
+        try:
+            check_compile_mode(mode, cfg.grad_accum)
+        except ValueError as exc:
+            parser.error(f"--preset-modes: {exc}")
     for mode in args.modes:
         if mode not in COMPILE_MODES or mode == "none":
             parser.error(f"--modes: {mode!r} is not a torch.compile mode "
