@@ -1,27 +1,30 @@
 #!/usr/bin/env bash
-# The GPU checks, in two stages of at most 5 minutes each (one device call each), steps
-# ordered by value, every step under its own time limit, results copied out after each step.
+# The GPU checks in three stages, each stopping itself within DEVICE_CHECK_BUDGET_S seconds
+# (285 by default), steps ordered by value, every step under its own time limit, results
+# copied out after each step. docs/device_check.md says what each step runs and how long it
+# takes on an H100.
 #
-#   bash benchmarks/device_check.sh 1          # on the GPU machine (or STAGE=1)
-#   bash benchmarks/device_check.sh 2          # the rest; needs the data subsets (below)
+#   bash benchmarks/device_check.sh 1          # the headline: 100ep_fast's step vs official-style eager
+#   bash benchmarks/device_check.sh 2          # the CUDA build and the CUDA tests
+#   bash benchmarks/device_check.sh 3          # the other benchmarks; needs the data subsets (below)
 #   DEVICE_CHECK_DRY=1 bash benchmarks/device_check.sh 1   # dry run on a CPU (smoke options)
-#   bash benchmarks/device_check.sh prepare-data DIR   # on the workstation: .devdata/ subsets
+#   bash benchmarks/device_check.sh prepare-data DIR   # .devdata/ subsets for stage 3
 #
-# Stage 1 (the build, the CUDA tests, the headline benchmarks):
+# Stage 1 (limits in s):
 #   install        60  pip install -e . without the extension (fastswav, fastswav.kernels)
+#   bench_train  rest  the official-style eager step, then the 100ep_fast step as training
+#                      runs it (grad_accum micro-batches, 1-process DDP, its compile mode),
+#                      with dynamo's counts; what is left but 45 s, at least 150 s
+#   bench_loss     45  the official shape (B 256, K 3000, queue 3840): fused vs eager/compiled
+# Stage 2 (the install again where the package does not import):
 #   build         150  fastswav._C with CUDA (setup.py build_ext --inplace), in the background
-#   triton_tests  100  meanwhile: the CUDA tests that need no extension (fused loss, its
-#                      one-launch round and precisions, teacher ops)
-#   (the build is waited for; if fastswav._C does not import, the stage stops with one line)
+#   triton_tests  100  meanwhile: the CUDA tests that need no extension
 #   cuda_graph_test 60 the reduce-overhead step in CUDA graphs, in a fresh process
 #   cuda_tests     60  every other CUDA test (queue extension, ...), no -x
-#   bench_train   rest official-style eager vs 100ep_fast compiled (the preset's own mode,
-#                      never skipped; reduce-overhead when the time allows), graph breaks
-#   bench_loss     45  the official shape (B 256, K 3000, queue 3840): fused vs eager/compiled
-# Stage 2: a missing build is redone (on a fresh machine), then
-#   bench_train   170  official-style eager, 100ep_fast in reduce-overhead, fastswav eager
-#   bench_loss     90  the official shapes (the stage 1 one again) and the sweep
-#   bench_teacher  50, bench_queue 20, bench_data 40 (DATA_ZIP), speedrun 70 (CIFAR_ZIP)
+# Stage 3 (the install and build again where they do not import):
+#   bench_train   120  fastswav_eager and fastswav_compiled in reduce-overhead (no accumulation)
+#   bench_loss     60  the loss sweep; bench_teacher 50, bench_queue 20,
+#   bench_data     40  (DATA_ZIP), speedrun 60 (CIFAR_ZIP)
 #
 # A step runs under min(its limit, what is left of DEVICE_CHECK_BUDGET_S: 285 s per stage
 # on the GPU, 3000 in the dry run) and is skipped with less than 15 s left;
@@ -32,10 +35,9 @@
 # Benchmarks and pytest end with os._exit once their results are written: with torch 2.11,
 # a process that compiled at several torch.compile sites could otherwise wait minutes at
 # exit (inductor's compile workers); each step's wall time is printed, so a wait would show.
-# Data for stage 2 (the device call carries only the checkout): `prepare-data DIR`, DIR
-# holding imagenet-sample-jpeg.zip and cifar10-jpeg.zip, writes .devdata/imagenet-300.zip
-# and .devdata/cifar10-12k.zip (about 43 MiB; .devdata is ignored by git), to be carried
-# with the call; DATA_ZIP and CIFAR_ZIP override the paths.
+# Data for stage 3: `prepare-data DIR`, DIR holding imagenet-sample-jpeg.zip and
+# cifar10-jpeg.zip, writes .devdata/imagenet-300.zip and .devdata/cifar10-12k.zip (about
+# 43 MiB; .devdata is ignored by git); DATA_ZIP and CIFAR_ZIP override the paths.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-${STAGE:-1}}
@@ -73,7 +75,7 @@ subset(os.path.join(shared, "imagenet-sample-jpeg.zip"), imagenet_out, lambda na
 subset(os.path.join(shared, "cifar10-jpeg.zip"), cifar_out, per_class)
 EOF
 fi
-case "$STAGE" in 1|2) ;; *) echo "error: stage must be 1, 2 or prepare-data (got '$STAGE')"; exit 2 ;; esac
+case "$STAGE" in 1|2|3) ;; *) echo "error: stage must be 1, 2, 3 or prepare-data (got '$STAGE')"; exit 2 ;; esac
 
 OUT=${OUT:-device_out}
 mkdir -p "$OUT"
@@ -200,9 +202,42 @@ wait_build() {
   case "$line" in "build exit 0") OK+=" build" ;; *) FAILED+=" build" ;; esac
 }
 
+# ensure_installed: the install step where the package does not import (a fresh machine).
+ensure_installed() {
+  if "$PY" -c "import fastswav.kernels" 2>/dev/null; then
+    say "step install: not needed (fastswav imports)"
+  else
+    run_step install 60 install_cmd
+    "$PY" -c "import fastswav.kernels" 2>/dev/null || stop "fastswav.kernels does not import after the install (see steps.log)"
+  fi
+}
+# ensure_built: the CUDA build where fastswav._C does not import (a fresh machine).
+ensure_built() {
+  if built=$(imports); then
+    say "step build: not needed, $built"
+  else
+    build_in_background
+    wait_build
+    built=$(imports) || stop "fastswav._C does not import after the build: $built (see build.log)"
+    say "import: $built"
+  fi
+  check_cuda_build "$built"
+}
+
 if [ "$STAGE" = 1 ]; then
   run_step install 60 install_cmd
   "$PY" -c "import fastswav.kernels" 2>/dev/null || stop "fastswav.kernels does not import after the install (see steps.log)"
+  # bench_train: what is left but 45 s for bench_loss, and never less than 150 s if there is.
+  lim=$(left); lim=$(( lim - 45 > 150 ? lim - 45 : (lim < 150 ? lim : 150) ))
+  if [ "$DRY" = 1 ]; then
+    run_step bench_train "$lim" "$PY" benchmarks/bench_train.py --cpu-smoke --variants official_eager,100ep_fast --out "$OUT/bench_train_dry.csv"
+    run_step bench_loss 600 "$PY" benchmarks/bench_loss.py --cpu-smoke --shapes 8:96:40
+  else
+    run_step bench_train "$lim" "$PY" benchmarks/bench_train.py --variants official_eager,100ep_fast --warmup 8 --steps 20 --budget-s $(( lim - 15 ))
+    run_step bench_loss 45 "$PY" benchmarks/bench_loss.py --shapes 256:3000:3840 --reps 50
+  fi
+elif [ "$STAGE" = 2 ]; then
+  ensure_installed
   build_in_background
   if [ "$DRY" = 1 ]; then
     # The same test processes on the CPU: the CUDA-marked tests skip, the CPU check of the
@@ -218,44 +253,25 @@ if [ "$STAGE" = 1 ]; then
   run_step cuda_graph_test 60 pytest_run "$GRAPH_TEST"
   OTHER_CUDA_FILES=$(grep -l "mark.cuda" tests/test_*.py | grep -v -F -x -f <(tr ' ' '\n' <<<"$TRITON_TEST_FILES") | tr '\n' ' ')
   run_step cuda_tests 60 pytest_run -m cuda $OTHER_CUDA_FILES --deselect "$GRAPH_TEST"
-  # bench_train: what is left but 45 s for bench_loss, and never less than 150 s if there is.
-  lim=$(left); lim=$(( lim - 45 > 150 ? lim - 45 : (lim < 150 ? lim : 150) ))
-  if [ "$DRY" = 1 ]; then
-    run_step bench_train "$lim" "$PY" benchmarks/bench_train.py --cpu-smoke --variants official_eager,100ep_fast
-    run_step bench_loss 600 "$PY" benchmarks/bench_loss.py --cpu-smoke --shapes 8:96:40
-  else
-    run_step bench_train "$lim" "$PY" benchmarks/bench_train.py --variants official_eager,100ep_fast --warmup 8 --steps 20 --budget-s $(( lim - 15 ))
-    run_step bench_loss 45 "$PY" benchmarks/bench_loss.py --shapes 256:3000:3840 --reps 50
-  fi
 else
-  if built=$(imports); then
-    say "step build: not needed, $built (the machine kept the stage 1 build)"
-    check_cuda_build "$built"
-  else
-    run_step install 60 install_cmd
-    "$PY" -c "import fastswav.kernels" 2>/dev/null || stop "fastswav.kernels does not import after the install (see steps.log)"
-    build_in_background
-    wait_build
-    built=$(imports) || stop "fastswav._C does not import after the build: $built (see build.log)"
-    say "import: $built"
-    check_cuda_build "$built"
-  fi
+  ensure_installed
+  ensure_built
   if [ "$DRY" = 1 ]; then
-    run_step bench_train 600 "$PY" benchmarks/bench_train.py --cpu-smoke --variants official_eager,100ep_fast,fastswav_eager --preset-modes reduce-overhead
+    run_step bench_train 600 "$PY" benchmarks/bench_train.py --cpu-smoke --variants official_eager,fastswav_eager,fastswav_compiled --modes reduce-overhead --out "$OUT/bench_train_dry.csv"
     run_step bench_loss 600 "$PY" benchmarks/bench_loss.py --cpu-smoke --shapes 8:96:0
     run_step bench_teacher 600 "$PY" benchmarks/bench_teacher.py --cpu-smoke
     run_step bench_queue 120 "$PY" benchmarks/bench_queue.py --dry-run
     [ -f "$DATA_ZIP" ] && run_step bench_data 600 "$PY" benchmarks/bench_data.py --dry-run --quick --zip "$DATA_ZIP"
     [ -f "$CIFAR_ZIP" ] && run_step speedrun 600 "$PY" benchmarks/speedrun_cifar10.py --data "$CIFAR_ZIP" --cpu-smoke
   else
-    run_step bench_train 170 "$PY" benchmarks/bench_train.py --variants official_eager,100ep_fast,fastswav_eager --preset-modes reduce-overhead --warmup 8 --steps 20 --budget-s 0
-    run_step bench_loss 90 "$PY" benchmarks/bench_loss.py --shapes 256:3000:3840,256:3000:0,64:3000:3840,64:3000:0,256:1000:3840,256:10000:3840,256:30000:3840,512:3000:0 --reps 50
+    run_step bench_train 120 "$PY" benchmarks/bench_train.py --variants official_eager,fastswav_eager,fastswav_compiled --modes reduce-overhead --warmup 8 --steps 20 --budget-s 0
+    run_step bench_loss 60 "$PY" benchmarks/bench_loss.py --shapes 256:3000:0,64:3000:3840,256:1000:3840,256:10000:3840,256:30000:3840,512:3000:0 --reps 50
     run_step bench_teacher 50 "$PY" benchmarks/bench_teacher.py --budget-s 40 --reps 50
     run_step bench_queue 20 "$PY" benchmarks/bench_queue.py --seconds 0.1 --repeats 3
     if [ -f "$DATA_ZIP" ]; then run_step bench_data 40 "$PY" benchmarks/bench_data.py --device cuda --quick --zip "$DATA_ZIP"
-    else say "step bench_data: skipped (no $DATA_ZIP: copy .devdata, see prepare-data)"; SKIPPED+=" bench_data"; fi
-    if [ -f "$CIFAR_ZIP" ]; then run_step speedrun 70 "$PY" benchmarks/speedrun_cifar10.py --data "$CIFAR_ZIP" --variants fused --epochs "${SPEEDRUN_EPOCHS:-2}"
-    else say "step speedrun: skipped (no $CIFAR_ZIP: copy .devdata, see prepare-data)"; SKIPPED+=" speedrun"; fi
+    else say "step bench_data: skipped (no $DATA_ZIP: see prepare-data)"; SKIPPED+=" bench_data"; fi
+    if [ -f "$CIFAR_ZIP" ]; then run_step speedrun 60 "$PY" benchmarks/speedrun_cifar10.py --data "$CIFAR_ZIP" --variants fused --epochs "${SPEEDRUN_EPOCHS:-2}"
+    else say "step speedrun: skipped (no $CIFAR_ZIP: see prepare-data)"; SKIPPED+=" speedrun"; fi
   fi
 fi
 
@@ -263,5 +279,5 @@ collect_rows
 echo; echo "=== summary (also in $OUT/summary.txt; whole output in steps.log, rows in rows.csv)"
 grep -E "^(gpu|host|import|build|step)[: ]" "$SUMMARY"
 echo "--- key lines"
-grep -E "^(PASSED|FAILED|ERROR)|(passed|failed|error)(,| in )|^(official_eager|fastswav_|100ep_fast)|graph break|^(eager|compiled|fused|fused_exact|fused_graph) |SKIPPED|skipped, |out of memory" "$LOG" | grep -v "^tests/" | tail -n 60
+grep -E "^(PASSED|FAILED|ERROR)|(passed|failed|error)(,| in )|^(official_eager|fastswav_|100ep_fast)|graph break|PROBLEM|^(eager|compiled|fused|fused_exact|fused_graph) |SKIPPED|skipped, |out of memory" "$LOG" | grep -v "^tests/" | tail -n 60
 say "DEVICE_CHECK stage $STAGE done in $(elapsed)s; ok:${OK:- none}; failed:${FAILED:- none}; skipped:${SKIPPED:- none}; $(( $(wc -l <"$ROWS") > 0 ? $(wc -l <"$ROWS") - 1 : 0 )) rows in rows.csv"

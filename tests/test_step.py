@@ -203,8 +203,13 @@ def _in_fresh_process(test_id: str) -> bool:
     training run meets). Returns True where the caller is that new process."""
     if os.environ.get("FASTSWAV_FRESH_PROCESS") == test_id:
         return True
+    # pytest in a process that ends with os._exit once its report is flushed: with torch
+    # 2.11 a process that compiled could wait minutes at exit for inductor's workers.
+    ends_at_once = ("import os, sys, pytest\ncode = int(pytest.main(sys.argv[1:]))\n"
+                    "sys.stdout.flush(); sys.stderr.flush(); os._exit(code)")
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{test_id}"],
+        [sys.executable, "-c", ends_at_once, "-q", "-p", "no:cacheprovider",
+         f"{__file__}::{test_id}"],
         env=dict(os.environ, FASTSWAV_FRESH_PROCESS=test_id), capture_output=True, text=True,
         timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
