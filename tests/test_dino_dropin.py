@@ -399,3 +399,95 @@ def test_group_is_settable_and_may_be_a_callable():
     dino = DINOLoss(16, group=subgroup)
     dino.sinkhorn_knopp_teacher(_randn(4, 16, seed=43), 0.1)
     assert len(calls) == 2  # resolved at each call, as DINOv3's get_process_subgroup()
+
+
+# ------------------------------------------------------------------ process subgroups
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _subgroup_worker(rank, world, port, cls_logits, patch_logits, result):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        # every rank creates every group, as dinov3.distributed.new_subgroups does
+        singles = [dist.new_group([r]) for r in range(world)]
+        pair = dist.new_group(list(range(world)))
+        out = {}
+        for size, group in ((1, singles[rank]), (2, pair)):
+            for backend in ("reference", "fused"):
+                os.environ["FASTSWAV_BACKEND"] = backend
+                key = f"{size}/{backend}"
+                dino = DINOLoss(cls_logits[rank].shape[1], group=lambda g=group: g)
+                out[key + "/cls"] = dino.sinkhorn_knopp_teacher(cls_logits[rank], 0.07)
+                ibot = iBOTPatchLoss(patch_logits[rank].shape[1], group=group)
+                for iters in (0, 3):
+                    count = torch.tensor(patch_logits[rank].shape[0])
+                    out[f"{key}/patch{iters}"] = ibot.sinkhorn_knopp_teacher(
+                        patch_logits[rank], 0.05, n_masked_patches_tensor=count,
+                        n_iterations=iters)
+                    out[f"{key}/count{iters}"] = int(count)  # all_reduced in place
+            dino.init_weights()
+            dino.update_center(cls_logits[rank])
+            dino.softmax_center_teacher(cls_logits[rank], 0.07)
+            out[f"{size}/center"] = dino.center.clone()
+            ibot.init_weights()
+            ibot.update_center(patch_logits[rank].unsqueeze(0))
+            ibot.apply_center_update()
+            out[f"{size}/patch_center"] = ibot.center.clone()
+        result[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # ~30 s on 2 cores: two processes start torch and the interpreter
+def test_process_subgroups_of_one_and_two_equal_one_process():
+    """2 gloo processes, DINOv3-style subgroups: a subgroup of 2 gives the single-process
+    result on the concatenated rows (B the summed masked-patch count), a subgroup of 1 the
+    result on each process's own rows."""
+    import torch.multiprocessing as mp
+
+    world, k_cls, k_patch = 2, 37, 29
+    cls_logits = [_randn(2 * 5, k_cls, seed=50 + r) for r in range(world)]
+    patch_logits = [_randn(n, k_patch, seed=60 + r) for r, n in enumerate((7, 12))]
+    with mp.Manager() as manager:
+        result = manager.dict()
+        mp.spawn(_subgroup_worker, args=(world, _free_port(), cls_logits, patch_logits, result),
+                 nprocs=world)
+        result = dict(result)
+
+    def close(got, want):
+        return torch.allclose(got.double(), want.double(), atol=1e-6, rtol=1e-5)
+
+    for backend in ("reference", "fused"):
+        both = torch.cat([result[r][f"2/{backend}/cls"] for r in range(world)])
+        assert close(both, published_sinkhorn(torch.cat(cls_logits), 0.07, 3)), backend
+        for iters in (0, 3):
+            both = torch.cat([result[r][f"2/{backend}/patch{iters}"] for r in range(world)])
+            assert close(both, published_sinkhorn(torch.cat(patch_logits), 0.05, iters, 19))
+        for r in range(world):
+            assert close(result[r][f"1/{backend}/cls"], published_sinkhorn(cls_logits[r], 0.07, 3))
+            n = patch_logits[r].shape[0]
+            for iters in (0, 3):
+                assert close(result[r][f"1/{backend}/patch{iters}"],
+                             published_sinkhorn(patch_logits[r], 0.05, iters, n))
+                assert result[r][f"1/{backend}/count{iters}"] == n
+                assert result[r][f"2/{backend}/count{iters}"] == 19
+    mean_all = torch.cat(cls_logits).mean(0, keepdim=True) * 0.1  # from a zero center
+    for r in range(world):
+        assert close(result[r]["2/center"], mean_all)
+        assert close(result[r]["1/center"], cls_logits[r].mean(0, keepdim=True) * 0.1)
+        assert close(result[r]["1/patch_center"], patch_logits[r].mean(0) * 0.1)
+    # the patch centre over 2 processes: each sums its image's patch mean; / (1 image * 2)
+    want = (patch_logits[0].mean(0) + patch_logits[1].mean(0)) / 2 * 0.1
+    assert close(result[0]["2/patch_center"], want) and close(result[1]["2/patch_center"], want)
