@@ -2,10 +2,11 @@
 
 :class:`AllocationLog` is a ``TorchDispatchMode`` that records each tensor an ATen op returns
 that is not a view or an in-place result (``empty``, ``new_empty``, ``empty_like``, ``exp``,
-``clone``, ...), its size, and the peak of the bytes alive at once (a tensor stops counting
-when its last reference dies). fastswav's custom ops (``fastswav::*``) are entered: their
-Python bodies run under the log, so the allocations inside the fused ops count, whatever
-the device. Under :func:`skipped_launches` the Triton launches of the teacher kernels do
+``clone``, ...), its size, and the peak of the bytes alive at once; a tensor stops counting
+when its storage dies (not when the first tensor object on it does: views and tensors saved
+for backward keep it). fastswav's custom ops (``fastswav::*``) are entered: their Python
+bodies run under the log, so the allocations inside the fused ops count, whatever the
+device. Under :func:`skipped_launches` the Triton launches of the teacher kernels do
 nothing, so the same Python runs on ``meta`` tensors: sizes at any shape, no memory used,
 with the GPU's tiles (the launch grids a GPU run would use). This is how the memory of the
 fused teacher is checked at K = 262,144 on a machine that could not hold one such tensor.
@@ -69,7 +70,8 @@ class AllocationLog(TorchDispatchMode):
                 self.allocations.append(record)
                 self.live_bytes += record.nbytes
                 self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-                weakref.finalize(tensor, self._release, record.nbytes)
+                # a storage outlives its first tensor (views, tensors saved for backward)
+                weakref.finalize(tensor.untyped_storage(), self._release, record.nbytes)
         return out
 
     def total_bytes(self) -> int:
@@ -87,20 +89,24 @@ _TEACHER_KERNELS = ("_sk_colsum_kernel", "_sk_rowsum_kernel", "_sk_finalize_kern
 
 @contextlib.contextmanager
 def skipped_launches(gpu_tiles: bool = True) -> Iterator[None]:
-    """Within it the teacher kernels' launches do nothing (so their launchers run on
-    ``meta`` tensors), with the tiles and grids of a GPU (``gpu_tiles``) or of the
-    interpreter."""
+    """Within it the teacher ops take their fused path on any device, and the kernels'
+    launches do nothing (so the launchers run on ``meta`` tensors), with the tiles and
+    grids of a GPU (``gpu_tiles``) or of the interpreter."""
     from fastswav.kernels import teacher as kernels
+    from fastswav.ops import teacher as ops
 
     saved = {name: getattr(kernels, name) for name in _TEACHER_KERNELS + ("targets_gpu",)}
+    saved_backend = ops.loss_backend
     try:
         for name in _TEACHER_KERNELS:
             setattr(kernels, name, _NoLaunch())
         kernels.targets_gpu = lambda t: gpu_tiles
+        ops.loss_backend = lambda device: "fused"
         yield
     finally:
         for name, value in saved.items():
             setattr(kernels, name, value)
+        ops.loss_backend = saved_backend
 
 
 __all__ = ("Allocation", "AllocationLog", "skipped_launches")
