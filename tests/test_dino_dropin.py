@@ -491,3 +491,27 @@ def test_process_subgroups_of_one_and_two_equal_one_process():
     # the patch centre over 2 processes: each sums its image's patch mean; / (1 image * 2)
     want = (patch_logits[0].mean(0) + patch_logits[1].mean(0)) / 2 * 0.1
     assert close(result[0]["2/patch_center"], want) and close(result[1]["2/patch_center"], want)
+
+
+def test_the_docs_snippet_runs():
+    """docs/loss.md's "In a DINOv2 or DINOv3 training loop" code, on small inputs."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "loss.md").read_text()
+    section = text[text.index("### In a DINOv2 or DINOv3 training loop"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    k, batch, n_img, n_patch = 32, 3, 2, 6
+    masks = torch.zeros(n_img, n_patch, dtype=torch.bool)
+    masks[0, :4] = masks[1, :2] = True
+    n = int(masks.sum())
+    namespace = dict(
+        K=k, B=batch, teacher_cls=_randn(2 * batch, k, seed=70),
+        teacher_masked_patches=_randn(n, k, seed=71), n_masked_patches=torch.tensor(n),
+        student_local_cls=_randn(8, batch, k, seed=72), student_global_cls=_randn(2, batch, k,
+                                                                               seed=73),
+        student_masked_patches=_randn(n, k, seed=74), masks=masks, n=n,
+        masks_weight=(1 / masks.sum(-1).float()).unsqueeze(-1).expand_as(masks)[masks])
+    exec(compile(code, "docs/loss.md", "exec"), namespace)
+    for name in ("local_loss", "global_loss", "ibot_loss"):
+        assert math.isfinite(namespace[name].item()), name
