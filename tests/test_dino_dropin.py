@@ -403,22 +403,13 @@ def test_group_is_settable_and_may_be_a_callable():
 
 # ------------------------------------------------------------------ process subgroups
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _subgroup_worker(rank, world, port, cls_logits, patch_logits, result):
+def _subgroup_worker(rank, world, store, cls_logits, patch_logits, result):
     import os
 
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         # every rank creates every group, as dinov3.distributed.new_subgroups does
         singles = [dist.new_group([r]) for r in range(world)]
@@ -451,7 +442,7 @@ def _subgroup_worker(rank, world, port, cls_logits, patch_logits, result):
 
 
 @pytest.mark.slow  # ~30 s on 2 cores: two processes start torch and the interpreter
-def test_process_subgroups_of_one_and_two_equal_one_process():
+def test_process_subgroups_of_one_and_two_equal_one_process(tmp_path):
     """2 gloo processes, DINOv3-style subgroups: a subgroup of 2 gives the single-process
     result on the concatenated rows (B the summed masked-patch count), a subgroup of 1 the
     result on each process's own rows."""
@@ -462,8 +453,8 @@ def test_process_subgroups_of_one_and_two_equal_one_process():
     patch_logits = [_randn(n, k_patch, seed=60 + r) for r, n in enumerate((7, 12))]
     with mp.Manager() as manager:
         result = manager.dict()
-        mp.spawn(_subgroup_worker, args=(world, _free_port(), cls_logits, patch_logits, result),
-                 nprocs=world)
+        mp.spawn(_subgroup_worker, nprocs=world,
+                 args=(world, str(tmp_path / "store"), cls_logits, patch_logits, result))
         result = dict(result)
 
     def close(got, want):
