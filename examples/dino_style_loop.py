@@ -1,18 +1,19 @@
-"""A minimal DINOv2-style training loop with fastswav's drop-in teacher losses.
+"""A minimal DINOv3-style training loop with fastswav's drop-in teacher losses.
 
     python examples/dino_style_loop.py --steps 5
 
 Student and teacher: a torchvision ResNet-18 trunk and a DINO head (MLP, L2-normalised
 bottleneck, weight-normalised prototypes), the teacher an EMA of the student. Each step
 takes 2 global crops (32 px) and 4 local crops (16 px) of random images (no data needed),
-and uses the two adapters exactly where a DINOv2 loop uses ``dinov2.loss``:
+and uses the drop-ins exactly where a DINOv3 loop uses ``dinov3.loss``:
 
 - ``DINOLoss.sinkhorn_knopp_teacher`` on the teacher's global-crop outputs, then
-  ``DINOLoss.forward`` for the local crops against both teacher crops and for each global
-  crop against the other one (DINOv2's swap), divided by the number of terms;
+  ``DINOLoss.forward(student_logits, teacher_probs)`` for the local crops against both
+  teacher crops and with ``ignore_diagonal=True`` for the global crops, weighted by their
+  numbers of terms as DINOv3 does;
 - ``iBOTPatchLoss.sinkhorn_knopp_teacher`` with ``n_masked_patches_tensor`` on the masked
-  "patch tokens" (here the positions of the trunk's last feature map), padded to an upper
-  bound, and ``forward_masked``.
+  "patch tokens" (here the positions of the trunk's last feature map), and
+  ``forward_masked`` with ``n_masked_patches`` and ``masks_weight``.
 
 On CUDA both run the fused Triton kernels; on the CPU the exact PyTorch reference.
 """
@@ -77,43 +78,43 @@ def main(argv=None):
     teacher = copy.deepcopy(student).requires_grad_(False)
     dino_loss = DINOLoss(args.prototypes).to(device)
     ibot_loss = iBOTPatchLoss(args.prototypes).to(device)
+    dino_loss.init_weights()  # DINOv3's centers start as NaN until init_weights
+    ibot_loss.init_weights()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.04)
     n_global, n_local, batch = 2, 4, args.batch_size
+    global_terms, local_terms = n_global * (n_global - 1), n_global * n_local
 
     for step in range(args.steps):
         images = torch.rand(batch, 3, 48, 48, generator=g)
         global_crops = torch.cat(crops(images, 32, n_global, g)).to(device)
         local_crops = torch.cat(crops(images, 16, n_local, g)).to(device)
 
+        # iBOT: mask about half the patch positions of the global crops
         with torch.no_grad():
             t_cls, t_patch = teacher(global_crops)  # [2B, K], [2B, P, K]
-            t_cls = torch.cat(t_cls.chunk(n_global)[::-1])  # DINOv2's swap: crop 0 <-> 1
+        masks = torch.rand(t_patch.shape[:2], generator=g) < 0.5
+        masks[:, 0] = True
+        idx = masks.flatten().nonzero().squeeze(1).to(device)
+        n_masked = idx.numel()
+        masks_weight = (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
+        with torch.no_grad():
             targets = dino_loss.sinkhorn_knopp_teacher(t_cls, teacher_temp=0.07)
-            targets = targets.view(n_global, batch, -1)
+            targets = targets.unflatten(0, (n_global, batch))  # [2, B, K]
+            t_targets = ibot_loss.sinkhorn_knopp_teacher(
+                t_patch.flatten(0, 1)[idx], teacher_temp=0.07,
+                n_masked_patches_tensor=torch.tensor(n_masked, device=device))
 
         s_cls_global, s_patch = student(global_crops)
         s_cls_local, _ = student(local_crops)
 
-        n_terms = n_global * n_local + n_global
-        loss_local = dino_loss(s_cls_local.chunk(n_local), targets)
-        loss_global = dino_loss([s_cls_global], [targets.flatten(0, 1)]) * n_global
-        loss_dino = (loss_local + loss_global) / n_terms
-
-        # iBOT: mask about half the patch positions of the global crops
-        masks = torch.rand(s_patch.shape[:2], generator=g) < 0.5
-        masks[:, 0] = True
-        idx = masks.flatten().nonzero().squeeze(1).to(device)
-        n_masked = idx.numel()
-        upper = masks.numel()  # DINOv2 pads the masked tokens up to an upper bound
-        pad = torch.zeros(upper - n_masked, dtype=idx.dtype, device=device)
-        t_masked = t_patch.flatten(0, 1)[torch.cat([idx, pad])]
-        with torch.no_grad():
-            t_targets = ibot_loss.sinkhorn_knopp_teacher(
-                t_masked, teacher_temp=0.07,
-                n_masked_patches_tensor=torch.tensor(n_masked, device=device))
-        s_masked = s_patch.flatten(0, 1)[idx]
-        masks_weight = (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
-        loss_ibot = ibot_loss.forward_masked(s_masked, t_targets[:n_masked], masks.to(device),
+        loss_local = dino_loss(student_logits=s_cls_local.unflatten(0, (n_local, batch)),
+                               teacher_probs=targets)
+        loss_global = dino_loss(student_logits=s_cls_global.unflatten(0, (n_global, batch)),
+                                teacher_probs=targets, ignore_diagonal=True)
+        loss_dino = ((global_terms * loss_global + local_terms * loss_local)
+                     / (global_terms + local_terms))
+        loss_ibot = ibot_loss.forward_masked(s_patch.flatten(0, 1)[idx], t_targets,
+                                             student_masks_flat=masks.to(device),
                                              n_masked_patches=n_masked,
                                              masks_weight=masks_weight.to(device))
 

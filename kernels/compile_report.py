@@ -56,6 +56,9 @@ class Launch:
     shared_bytes: Optional[int] = None
     tensor_cores: Optional[str] = None  # "wgmma", "mma" or "" (none)
     blocks_per_sm: Optional[int] = None
+    # i32 multiplies by the row-stride argument ``K`` in the kernel's TTIR: 0 means every
+    # row offset (row * K) is computed in 64 bits; None when the kernel has no ``K``
+    i32_stride_products: Optional[int] = None
     extra: dict = field(default_factory=dict)
 
     def as_json(self) -> dict:
@@ -116,6 +119,32 @@ def _blocks_per_sm(arch: int, regs: int, shared: int, warps: int) -> int:
     return int(min(by_regs, by_shared, max_threads // threads, max_blocks))
 
 
+def narrow_stride_products(ttir: str, stride: str = "K") -> Optional[int]:
+    """How many 32-bit multiplies in ``ttir`` take the i32 argument ``stride`` (or a splat
+    or broadcast of it) as an operand: each is a row offset that wraps once rows * stride
+    passes 2^31. None when the kernel has no such argument."""
+    if not re.search(rf"%{stride}: i32\b", ttir):
+        return None
+    derived = {f"%{stride}"}
+    count = 0
+    for line in ttir.splitlines():
+        line = re.sub(r" \{[^{}]*\}", "", line)  # attributes ({axis = 1 : i32}) aside
+        m = re.match(r"\s*(%[\w.]+) = (tt\.splat|tt\.broadcast|tt\.expand_dims|arith\.muli)"
+                     r" ([^:]*?) : (.*)", line)
+        if not m:
+            continue
+        name, op, operands, types = m.groups()
+        uses = {o.strip() for o in operands.split(",")}
+        if not uses & derived:
+            continue
+        narrow = re.search(r"(?<![\w])i32\b|xi32>", types.split("->")[-1]) is not None
+        if op == "arith.muli":
+            count += narrow
+        elif narrow:
+            derived.add(name)
+    return count
+
+
 class _CompileOnlyDriver:
     """Stands in for the CUDA driver: a target to compile for, no device behind it."""
 
@@ -162,6 +191,7 @@ def compiling_for(arch: int, case: str, launches: List[Launch]):
             try:
                 compiled = kernel.run(*args, grid=grid, warmup=True, **kwargs)
                 ptx = compiled.asm["ptx"]
+                rec.i32_stride_products = narrow_stride_products(compiled.asm.get("ttir", ""))
                 rec.shared_bytes = int(compiled.metadata.shared)
                 rec.tensor_cores = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else ""
                 rec.__dict__.update(_ptxas(ptx, arch))

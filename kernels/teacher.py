@@ -415,11 +415,52 @@ def _sinkhorn_launches(x, n_valid, temperature=0.07, iterations=3):
     sk_finalize(x, n_valid, temperature, colmax, logu, logw)
 
 
+def _ce_launches(student, targets, n_s, n_t, skip_same_view):
+    """The forward and backward launches of one fused cross-entropy call."""
+    batch = student.shape[0] // n_s
+    f32 = dict(dtype=torch.float32)
+    ce_forward(student, targets, n_student_crops=n_s, n_teacher_crops=n_t, temperature=0.1,
+               skip_same_view=skip_same_view)
+    ce_backward(torch.empty(n_s, batch, **f32), student, targets,
+                torch.empty(n_s, batch, **f32), torch.empty(n_s, batch, **f32),
+                n_student_crops=n_s, n_teacher_crops=n_t, temperature=0.1,
+                skip_same_view=skip_same_view)
+
+
+# DINOv3's teacher step per GPU: (label, CLS batch B, iBOT masked-patch rows, K of the DINO
+# head, K of the iBOT head). The default heads have 65,536 prototypes; the ViT-7B's DINO
+# head 262,144 and its iBOT head 98,304. Masked rows: ~6,000 (2 global crops x 64 images x
+# 256 patches x ~0.2 mask ratio on average), 8,192 at the high end.
+DINOV3_STEPS = (("dinov3", 64, 6000, 65536, 65536),
+                ("dinov3_vit7b", 64, 8192, 262144, 98304))
+DINOV3_LOCAL_CROPS = 8
+# rows * K past 2^31: the offsets of every launch must be 64-bit here
+WIDE_ROWS, WIDE_K = 8192, 262144
+
+
+def dinov3_launches(batch, patch_rows, cls_k, patch_k):
+    """Every launch of DINOv3's teacher step through ``fastswav.dino``: Sinkhorn-Knopp on
+    the ``[2B, K]`` CLS logits, the local crops against both teacher crops and the global
+    crops with ``ignore_diagonal``; Sinkhorn-Knopp on the ``[rows, K]`` masked patches and
+    the masked-patch cross-entropy. bf16 logits, float32 targets (never run: see below)."""
+    bf16, f32 = dict(dtype=torch.bfloat16), dict(dtype=torch.float32)
+    _sinkhorn_launches(torch.empty(2 * batch, cls_k, **bf16), None)
+    targets = torch.empty(2 * batch, cls_k, **f32)
+    _ce_launches(torch.empty(DINOV3_LOCAL_CROPS * batch, cls_k, **bf16), targets,
+                 DINOV3_LOCAL_CROPS, 2, False)
+    _ce_launches(torch.empty(2 * batch, cls_k, **bf16), targets, 2, 2, True)
+    _sinkhorn_launches(torch.empty(patch_rows, patch_k, **bf16), None)
+    _ce_launches(torch.empty(patch_rows, patch_k, **bf16),
+                 torch.empty(patch_rows, patch_k, **f32), 1, 1, False)
+
+
 def compile_cases():
     """``(case name, thunk)`` pairs for the compiled-kernel report: every launch the fused
     teacher ops make on a GPU at K = 65,536 and B = 64, 256, 1,024 per GPU (2 teacher and 10
-    student crops; bf16 logits as under autocast, float32 targets), with CPU tensors that are
-    allocated but never touched (the report compiles the launches without running them)."""
+    student crops; bf16 logits as under autocast, float32 targets), DINOv3's teacher steps
+    (:data:`DINOV3_STEPS`) and one ``[8192, 262144]`` step (rows * K past 2^31), with CPU
+    tensors that are allocated but never touched (the report compiles the launches without
+    running them)."""
     cases = []
     for batch in COMPILE_BATCHES:
         n_s, n_t, n_cols = COMPILE_STUDENT_CROPS, COMPILE_TEACHER_CROPS, COMPILE_K
@@ -428,23 +469,26 @@ def compile_cases():
             _sinkhorn_launches(torch.empty(n_t * batch, n_cols, dtype=torch.bfloat16), None)
 
         def teacher_patches(batch=batch):
-            # iBOT form: padded patch rows, the valid count as a device tensor
+            # padded patch rows, the valid count as a device tensor
             _sinkhorn_launches(torch.empty(batch, n_cols, dtype=torch.bfloat16),
                                torch.empty((), dtype=torch.int64))
 
         def cross_entropy(batch=batch):
-            student = torch.empty(n_s * batch, n_cols, dtype=torch.bfloat16)
-            targets = torch.empty(n_t * batch, n_cols, dtype=torch.float32)
-            f32 = dict(dtype=torch.float32)
-            ce_forward(student, targets, n_student_crops=n_s, n_teacher_crops=n_t,
-                       temperature=0.1, skip_same_view=True)
-            ce_backward(torch.empty(n_s, batch, **f32), student, targets,
-                        torch.empty(n_s, batch, **f32), torch.empty(n_s, batch, **f32),
-                        n_student_crops=n_s, n_teacher_crops=n_t, temperature=0.1,
-                        skip_same_view=True)
+            _ce_launches(torch.empty(n_s * batch, n_cols, dtype=torch.bfloat16),
+                         torch.empty(n_t * batch, n_cols, dtype=torch.float32), n_s, n_t, True)
 
         cases += [(f"teacher_sinkhorn B={batch} crops={n_t} K={n_cols} bf16", teacher),
                   (f"teacher_sinkhorn_patches rows={batch} K={n_cols} bf16", teacher_patches),
                   (f"teacher_student_ce B={batch} student={n_s} teacher={n_t} K={n_cols} bf16",
                    cross_entropy)]
+    for name, batch, rows, cls_k, patch_k in DINOV3_STEPS:
+        cases.append((f"teacher_{name} B={batch} K={cls_k} patches={rows} K={patch_k} bf16",
+                      lambda a=(batch, rows, cls_k, patch_k): dinov3_launches(*a)))
+
+    def wide():
+        _sinkhorn_launches(torch.empty(WIDE_ROWS, WIDE_K, dtype=torch.bfloat16), None)
+        _ce_launches(torch.empty(WIDE_ROWS, WIDE_K, dtype=torch.bfloat16),
+                     torch.empty(WIDE_ROWS, WIDE_K, dtype=torch.float32), 1, 1, False)
+
+    cases.append((f"teacher_wide rows={WIDE_ROWS} K={WIDE_K} bf16", wide))
     return cases

@@ -7,6 +7,8 @@ H100 has SMs, or the training path's score matmul without tensor-core instructio
 quick test covers the training dtypes (bf16 embeddings, fp32 prototypes) at every official
 shape, the demo's and the speedrun's; the slow one every dtype mix and precision, and the
 DINO-style teacher ops at K = 65,536 (B = 64 to 1,024; no matmul there, so no tensor cores).
+DINOv3's teacher steps (and one with rows * K past 2^31) have a quick test of their own,
+which also fails on a row offset multiplied in 32 bits.
 Also here: every launch in kernels/ runs under a device guard.
 """
 from __future__ import annotations
@@ -64,6 +66,8 @@ def _check(reports):
             at_scale = r["case"].startswith(("official", "teacher"))
             if at_scale and r["programs"] < H100_SMS:
                 problems.append(f"{where}: {r['programs']} programs < {H100_SMS} SMs")
+            if r["case"].startswith("teacher") and r["i32_stride_products"]:
+                problems.append(f"{where}: {r['i32_stride_products']} row offsets in 32 bits")
             if r["kernel"] == "_scores_kernel" and r["training_path"] and not r["tensor_cores"]:
                 problems.append(f"{where}: training-path score matmul without tensor cores")
     return problems
@@ -91,12 +95,70 @@ def test_training_path_compiles_without_spills_on_tensor_cores(tools):
 
 @pytest.mark.slow
 def test_every_dtype_mix_precision_and_fused_op_compiles_without_spills(tools):
-    reports = _reports("^(?!.*bf16/fp32 tf32$)")  # what the quick test does not cover
+    # what the other tests do not cover
+    reports = _reports("^(?!.*bf16/fp32 tf32$)(?!teacher_(dinov3|wide))")
     for arch, launches in reports.items():
         kernels = {r["kernel"] for r in launches}
         assert {"_sk_colsum_kernel", "_sk_rowsum_kernel", "_sk_finalize_kernel",
                 "_ce_fwd_kernel", "_ce_bwd_kernel"} <= kernels, (arch, kernels)
     assert _check(reports) == []
+
+
+def test_dinov3_teacher_steps_compile_without_spills_and_with_64_bit_offsets(tools):
+    """DINOv3's teacher step (K = 65,536; the ViT-7B's 262,144 CLS and 98,304 patch
+    prototypes) and a [8192, 262144] step, where rows * K passes 2^31: every launch
+    compiles, spills nothing, and multiplies the row stride K only in 64 bits."""
+    reports = _reports("teacher_(dinov3|wide)")
+    for arch, launches in reports.items():
+        cases = {r["case"].split()[0] for r in launches}
+        assert cases == {"teacher_dinov3", "teacher_dinov3_vit7b", "teacher_wide"}, cases
+        assert all(r["i32_stride_products"] == 0 for r in launches), arch
+    assert _check(reports) == []
+
+
+_STRIDE_PROBE = """
+import json, sys, torch, triton, triton.language as tl
+sys.path.insert(0, sys.argv[1])
+from fastswav.kernels.compile_report import compiling_for
+import probe_kernels as k
+launches = []
+with compiling_for(90, "probe", launches):
+    x, out = torch.empty(64, 256), torch.empty(64, 256)
+    for kernel in (k.narrow_rows, k.wide_rows):
+        kernel[(4,)](x, out, 256, BLOCK_R=16, BLOCK_K=256)
+print(json.dumps({r.kernel: r.i32_stride_products for r in launches}))
+"""
+
+_PROBE_KERNELS = """
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def narrow_rows(x_ptr, out_ptr, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs = rows[:, None] * K + tl.arange(0, BLOCK_K)[None, :]
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs))
+
+
+@triton.jit
+def wide_rows(x_ptr, out_ptr, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs = rows.to(tl.int64)[:, None] * K + tl.arange(0, BLOCK_K)[None, :]
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs))
+"""
+
+
+def test_the_64_bit_offset_check_flags_a_32_bit_row_offset(tools, tmp_path):
+    """The count the report gives is seen to catch ``rows * K`` in 32 bits (and to pass the
+    same kernel with the row index widened first)."""
+    (tmp_path / "probe_kernels.py").write_text(_PROBE_KERNELS)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _STRIDE_PROBE, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert counts["narrow_rows"] >= 1 and counts["wide_rows"] == 0, counts
 
 
 def test_every_launch_is_inside_a_device_guard():

@@ -34,7 +34,6 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fastswav
-from fastswav.dino import DINOLoss, iBOTPatchLoss
 from fastswav.ops import teacher as T
 
 triton = pytest.importorskip("triton")
@@ -292,62 +291,6 @@ def test_custom_ops_fake_and_compile_one_graph():
     assert counter.frame_count == 1
     assert torch.allclose(got, want, rtol=1e-6)
     assert torch.allclose(s1.grad, s2.grad, rtol=1e-6, atol=1e-9)
-
-
-# ------------------------------------------------------------------ adapters
-
-def dinov2_dino_loss(student_list, teacher_list, student_temp):
-    """DINOv2's DINOLoss.forward as published: sum over all pairs, no division."""
-    total = 0
-    for s in student_list:
-        lsm = F.log_softmax(s.double() / student_temp, dim=-1)
-        for t in teacher_list:
-            total = total - torch.sum(t.double() * lsm, dim=-1).mean()
-    return total
-
-
-def test_dino_loss_adapter():
-    n_local, batch, k = 4, 7, 50
-    loss_fn = DINOLoss(out_dim=k)
-    teacher_logits = _logits(2 * batch, k, seed=12)
-    targets = loss_fn.sinkhorn_knopp_teacher(teacher_logits, teacher_temp=0.04)
-    assert _close(targets, dinov2_sk_float64(teacher_logits, 0.04, 3))
-    teacher_list = targets.view(2, batch, k)  # DINOv2 passes this [n_global, B, K] view
-    student = _logits(n_local * batch, k, seed=13).requires_grad_()
-    chunks = student.chunk(n_local)
-    got = loss_fn(chunks, teacher_list)  # consecutive chunks: used without a copy
-    separate = [c.clone() for c in chunks]  # not one buffer: concatenated
-    got_cat = loss_fn(separate, list(teacher_list))
-    want = dinov2_dino_loss(chunks, teacher_list, 0.1)
-    assert torch.allclose(got.double(), want, rtol=1e-5)
-    assert torch.allclose(got_cat, got, rtol=1e-6)
-    got.backward()
-    s64 = student.detach().double().requires_grad_()
-    dinov2_dino_loss(s64.chunk(n_local), teacher_list, 0.1).backward()
-    assert _max_rel(student.grad, s64.grad) < 1e-5
-
-
-def test_ibot_patch_loss_adapter():
-    n_img, n_patch, k = 3, 8, 36
-    g = torch.Generator().manual_seed(14)
-    masks = torch.rand(n_img, n_patch, generator=g) < 0.4
-    masks[0, 0] = True
-    n_masked = int(masks.sum())
-    upper = n_masked + 5  # DINOv2 pads the masked tokens up to an upper bound
-    teacher_out = _logits(upper, k, seed=15)
-    student_out = _logits(upper, k, seed=16).requires_grad_()
-    loss_fn = iBOTPatchLoss(patch_out_dim=k)
-    n_tensor = torch.tensor(n_masked)
-    targets = loss_fn.sinkhorn_knopp_teacher(teacher_out, 0.07, n_masked_patches_tensor=n_tensor)
-    assert int(n_tensor) == n_masked  # not all_reduced in place
-    assert _close(targets, dinov2_sk_float64(teacher_out, 0.07, 3, n_valid=n_masked))
-    loss = loss_fn.forward_masked(student_out[:n_masked], targets[:n_masked], masks,
-                                  n_masked_patches=n_masked)
-    weight = (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
-    per_patch = torch.sum(targets[:n_masked].double()
-                          * F.log_softmax(student_out[:n_masked].double() / 0.1, dim=-1), dim=-1)
-    want = -(per_patch * weight).sum() / n_img
-    assert torch.allclose(loss.double(), want, rtol=1e-5)
 
 
 # ------------------------------------------------------------------ distributed
