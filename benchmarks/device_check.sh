@@ -6,7 +6,8 @@
 #
 #   bash benchmarks/device_check.sh 1          # the headline: 100ep_fast's step vs official-style eager
 #   bash benchmarks/device_check.sh 2          # the CUDA build and the CUDA tests
-#   bash benchmarks/device_check.sh 3          # the other benchmarks; needs the data subsets (below)
+#   bash benchmarks/device_check.sh 3          # more benchmarks; needs the data subsets (below)
+#   bash benchmarks/device_check.sh 4          # the DINO-style teacher at DINOv3's shapes, the queue
 #   DEVICE_CHECK_DRY=1 bash benchmarks/device_check.sh 1   # dry run on a CPU (smoke options)
 #   bash benchmarks/device_check.sh prepare-data DIR   # .devdata/ subsets for stage 3
 #
@@ -23,8 +24,12 @@
 #   cuda_tests     60  every other CUDA test (queue extension, ...), no -x
 # Stage 3 (the install and build again where they do not import):
 #   bench_train   120  fastswav_eager and fastswav_compiled in reduce-overhead (no accumulation)
-#   bench_loss     60  the loss sweep; bench_teacher 50, bench_queue 20,
+#   bench_loss     60  the loss sweep
 #   bench_data     40  (DATA_ZIP), speedrun 60 (CIFAR_ZIP)
+# Stage 4 (the install and build again where they do not import):
+#   bench_teacher 240  DINOv3's CLS and iBOT steps (K 65,536; ViT-7B 262,144 / 98,304) and the
+#                      DINOv2-like step, against DINOv3's plain code eager and compiled
+#   bench_queue    20  the queue ring buffer, extension vs reference
 #
 # A step runs under min(its limit, what is left of DEVICE_CHECK_BUDGET_S: 285 s per stage
 # on the GPU, 3000 in the dry run) and is skipped with less than 15 s left;
@@ -75,7 +80,7 @@ subset(os.path.join(shared, "imagenet-sample-jpeg.zip"), imagenet_out, lambda na
 subset(os.path.join(shared, "cifar10-jpeg.zip"), cifar_out, per_class)
 EOF
 fi
-case "$STAGE" in 1|2|3) ;; *) echo "error: stage must be 1, 2, 3 or prepare-data (got '$STAGE')"; exit 2 ;; esac
+case "$STAGE" in 1|2|3|4) ;; *) echo "error: stage must be 1, 2, 3, 4 or prepare-data (got '$STAGE')"; exit 2 ;; esac
 
 OUT=${OUT:-device_out}
 mkdir -p "$OUT"
@@ -253,25 +258,31 @@ elif [ "$STAGE" = 2 ]; then
   run_step cuda_graph_test 60 pytest_run "$GRAPH_TEST"
   OTHER_CUDA_FILES=$(grep -l "mark.cuda" tests/test_*.py | grep -v -F -x -f <(tr ' ' '\n' <<<"$TRITON_TEST_FILES") | tr '\n' ' ')
   run_step cuda_tests 60 pytest_run -m cuda $OTHER_CUDA_FILES --deselect "$GRAPH_TEST"
-else
+elif [ "$STAGE" = 3 ]; then
   ensure_installed
   ensure_built
   if [ "$DRY" = 1 ]; then
     run_step bench_train 600 "$PY" benchmarks/bench_train.py --cpu-smoke --variants official_eager,fastswav_eager,fastswav_compiled --modes reduce-overhead --out "$OUT/bench_train_dry.csv"
     run_step bench_loss 600 "$PY" benchmarks/bench_loss.py --cpu-smoke --shapes 8:96:0
-    run_step bench_teacher 600 "$PY" benchmarks/bench_teacher.py --cpu-smoke
-    run_step bench_queue 120 "$PY" benchmarks/bench_queue.py --dry-run
     [ -f "$DATA_ZIP" ] && run_step bench_data 600 "$PY" benchmarks/bench_data.py --dry-run --quick --zip "$DATA_ZIP"
     [ -f "$CIFAR_ZIP" ] && run_step speedrun 600 "$PY" benchmarks/speedrun_cifar10.py --data "$CIFAR_ZIP" --cpu-smoke
   else
     run_step bench_train 120 "$PY" benchmarks/bench_train.py --variants official_eager,fastswav_eager,fastswav_compiled --modes reduce-overhead --warmup 8 --steps 20 --budget-s 0
     run_step bench_loss 60 "$PY" benchmarks/bench_loss.py --shapes 256:3000:0,64:3000:3840,256:1000:3840,256:10000:3840,256:30000:3840,512:3000:0 --reps 50
-    run_step bench_teacher 50 "$PY" benchmarks/bench_teacher.py --budget-s 40 --reps 50
-    run_step bench_queue 20 "$PY" benchmarks/bench_queue.py --seconds 0.1 --repeats 3
     if [ -f "$DATA_ZIP" ]; then run_step bench_data 40 "$PY" benchmarks/bench_data.py --device cuda --quick --zip "$DATA_ZIP"
     else say "step bench_data: skipped (no $DATA_ZIP: see prepare-data)"; SKIPPED+=" bench_data"; fi
     if [ -f "$CIFAR_ZIP" ]; then run_step speedrun 60 "$PY" benchmarks/speedrun_cifar10.py --data "$CIFAR_ZIP" --variants fused --epochs "${SPEEDRUN_EPOCHS:-2}"
     else say "step speedrun: skipped (no $CIFAR_ZIP: see prepare-data)"; SKIPPED+=" speedrun"; fi
+  fi
+else
+  ensure_installed
+  ensure_built
+  if [ "$DRY" = 1 ]; then
+    run_step bench_teacher 600 "$PY" benchmarks/bench_teacher.py --cpu-smoke --cases dino,dinov3_cls,vit7b_cls,dinov3_ibot,vit7b_ibot
+    run_step bench_queue 120 "$PY" benchmarks/bench_queue.py --dry-run
+  else
+    run_step bench_teacher 240 "$PY" benchmarks/bench_teacher.py --cases dino,dinov3_cls,dinov3_ibot,vit7b_cls,vit7b_ibot --batches 128 --budget-s 200 --reps 30
+    run_step bench_queue 20 "$PY" benchmarks/bench_queue.py --seconds 0.1 --repeats 3
   fi
 fi
 
