@@ -69,7 +69,9 @@ def launches_stubbed():
 def live_tensors() -> dict:
     """id -> shape of every tensor object alive in this process (after a collection)."""
     gc.collect()
-    return {id(o): tuple(o.shape) for o in gc.get_objects() if isinstance(o, torch.Tensor)}
+    # type(), not isinstance(): isinstance on a dead weakref.proxy in the heap raises
+    # ReferenceError, and proxies are not tensors anyway.
+    return {id(o): tuple(o.shape) for o in gc.get_objects() if issubclass(type(o), torch.Tensor)}
 
 
 def probe_first_call(call) -> dict:
