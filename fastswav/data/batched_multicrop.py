@@ -62,6 +62,14 @@ GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 
 
+def training_crop_dtype(device_type: str) -> torch.dtype:
+    """The dtype the trainer's crops are made in: bfloat16 on CUDA, where the step runs
+    under bf16 autocast and the first convolution would cast float32 crops to bfloat16
+    anyway (the same rounding, so the same values, at half the bytes and bandwidth);
+    float32 elsewhere (no autocast on the CPU)."""
+    return torch.bfloat16 if device_type == "cuda" else torch.float32
+
+
 @dataclass
 class CropParams:
     """The random parameters of one crop group, one row per crop, crop-major (row c*B + b is
