@@ -20,14 +20,26 @@ second of the benchmark process, so other processes on the machine lower it litt
 - ``decode_once``: the same .beton through :class:`FFCVMultiCropLoader`'s CPU stage: each
   JPEG decoded once into a uint8 canvas (``--canvas``, default the largest stored side);
   the crops are cut on the device. ``speedup_vs_reference_pil`` rows give the per-core ratios.
-- ``decode_once_pil``: the CPU stage without FFCV (PIL, JPEG draft mode, resize to fit a
-  ``--pil-canvas`` square), what a machine without FFCV can do.
+- ``decode_once_torchvision``: the same .beton through the same loader's CPU stage without
+  FFCV (:class:`TorchvisionMultiCropLoader`: ``torchvision.io.decode_jpeg`` on threads),
+  what training runs where ``ffcv`` does not import; ``speedup_vs_decode_once`` compares it
+  with the FFCV stage of the same run.
+- ``decode_once_pil``: a CPU stage with PIL alone (JPEG draft mode, resize to fit a
+  ``--pil-canvas`` square), for comparison.
+- ``train_loader``: the training loader exactly as ``python -m fastswav.train`` builds it
+  (:func:`fastswav.train.build_data` on the .beton with ``--loader-preset``'s crops and its
+  dtype on the device: decode, transfer, batched augmentation), ``--loader-batches`` batches
+  of ``--batch`` after one untimed: ``images_per_s_per_process`` (wall clock) and
+  ``images_per_s_per_core`` (per CPU second of the process). On a GPU also
+  ``decode_gpu_torchvision``: the stored JPEGs decoded in batches by
+  ``torchvision.io.decode_jpeg(..., device="cuda")`` (``images_per_s``, CUDA-synchronised).
 - Batched augmentation of ``--batch`` canvases into 2x224 + 6x96: variant
   ``decode_once_gpu_augment``, metric ``gpu_augment_ms`` (CUDA events) on a GPU;
   ``decode_once_cpu_augment``, ``cpu_augment_ms`` (perf_counter, ``--threads`` threads) on
   the CPU. And the CPU demo's case: 128 CIFAR-sized images into 2x32 + 4x16, ``augment_ms``.
 
-FFCV variants are left out, with a note, where FFCV is not installed. ``--grid PNG`` draws
+The .beton is written by FFCV's writer where ``ffcv`` imports, else without it. FFCV
+variants are left out, with a note, where FFCV is not installed. ``--grid PNG`` draws
 reference crops beside decode-once crops of the same images. Rows go to
 benchmarks/results/bench_data.csv (not with ``--dry-run``).
 """
@@ -163,13 +175,15 @@ def pack(decoded: list, batch: int, canvas: int):
 
 # --- FFCV -----------------------------------------------------------------------------------
 
-def write_sample_beton(zip_path: Path, count: int, out: str, max_resolution: int) -> None:
+def write_sample_beton(zip_path: Path, count: int, out: str, max_resolution: int,
+                       use_ffcv: bool) -> None:
     from fastswav.data.sources import open_source
     from fastswav.data.write import write_beton
 
     source = open_source(str(zip_path))
     write_beton(source, out, max_resolution=max_resolution, jpeg_quality=90,
-                workers=available_cores(), indices=range(min(count, len(source))))
+                workers=available_cores(), indices=range(min(count, len(source))),
+                use_ffcv=use_ffcv)
 
 
 def _epochs_per_s(run_epoch, images: int, repeats: int, timer, warm: bool = True) -> float:
@@ -246,6 +260,76 @@ def decode_once_rates(loader, images: int, cores: int, repeats: int) -> dict:
         return sum(batch.shape[0] for batch, *_ in loader.canvases())
 
     return _ffcv_rates(loader._loader, run_epoch, images, cores, repeats)
+
+
+def torchvision_rates(beton: str, images: int, cores: int, repeats: int, canvas) -> tuple:
+    """The CPU stage of decode once without FFCV, 1 and ``cores`` decode threads:
+    ({workers: sets/s}, canvas side)."""
+    from fastswav.data.decode_once import TorchvisionMultiCropLoader
+
+    rates = {}
+    for workers in sorted({1, cores}):
+        loader = TorchvisionMultiCropLoader(beton, BatchedMultiCrop(**RECIPE), batch_size=50,
+                                            canvas=canvas, num_workers=workers,
+                                            drop_last=False)
+
+        def run_epoch():
+            return sum(batch.shape[0] for batch, *_ in loader.canvases())
+
+        rates[workers] = _epochs_per_s(run_epoch, images, repeats, clock(workers))
+        loader.close()
+    return rates, loader.canvas
+
+
+def train_loader_rates(beton: str, preset_name: str, batch: int, batches: int,
+                       device: torch.device) -> dict:
+    """The training loader as the trainer builds it: images/s per process (wall clock) and
+    per CPU second of this process, over ``batches`` batches after one untimed."""
+    from fastswav.config import preset
+    from fastswav.distributed import DistInfo
+    from fastswav.train import build_data
+
+    cfg = preset(preset_name).replace(data=beton, batch_size=batch, grad_accum=1)
+    _, loader = build_data(cfg, DistInfo(), device)
+    _KEEP_ALIVE.append(loader)
+    loader.set_epoch(0)
+    if len(loader) < batches + 1:
+        raise SystemExit(f"error: --loader-batches {batches} + 1 batches of {batch} need "
+                         f"{(batches + 1) * batch} images, the sample has {len(loader) * batch}")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    iterator = iter(loader)
+    crops, _ = next(iterator)
+    sync()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(batches):
+        crops, _ = next(iterator)
+    sync()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    iterator.close()
+    return {"per_process": batches * batch / wall, "per_core": batches * batch / cpu,
+            "stage": type(loader).__name__, "dtype": str(crops[0].dtype).replace("torch.", ""),
+            "workers": loader.num_workers}
+
+
+def gpu_decode_rate(beton: str, batch: int, repeats: int) -> float:
+    """Images/s of torchvision's batched GPU JPEG decode of the stored JPEGs."""
+    from torchvision.io import decode_jpeg
+
+    from fastswav.data.beton import BetonSource
+
+    source = BetonSource(beton)
+    data = [torch.frombuffer(bytearray(source._read_bytes(i)), dtype=torch.uint8)
+            for i in range(len(source))]
+    data = [data[k % len(data)] for k in range(batch)]
+    decode_jpeg(data, device="cuda")  # warm-up: nvjpeg's handles
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        decode_jpeg(data, device="cuda")
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return batch / statistics.median(times)
 
 
 def ffcv_canvases(loader):
@@ -368,6 +452,11 @@ def main(argv=None) -> None:
     parser.add_argument("--max-resolution", type=int, default=512,
                         help="longer-side cap of the .beton written for the FFCV variants")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--loader-preset", default="100ep_fast",
+                        help="preset whose crops and dtype the train_loader rows use")
+    parser.add_argument("--loader-batches", type=int, default=None,
+                        help="timed batches of the train_loader rows (default 8 on CUDA, 2 "
+                             "on the CPU)")
     parser.add_argument("--quick", action="store_true",
                         help="small run for the CPU: 24 JPEGs, batch 16, 2 repeats")
     parser.add_argument("--dry-run", action="store_true", help="print, write no CSV rows")
@@ -422,10 +511,16 @@ def main(argv=None) -> None:
         have_ffcv = False
 
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+        beton = os.path.join(tmp, "sample.beton")
+        write_sample_beton(args.zip, n, beton, args.max_resolution, have_ffcv)
+        res = f"max_res={args.max_resolution}"
+        tv_rates, tv_side = torchvision_rates(beton, n, args.cores, repeats, args.canvas)
+        tv_shape = lambda w: shape_key(images=n, canvas=tv_side, stage="decode+canvas",  # noqa: E731
+                                       source=res, workers=w)
+        tv_rate = add_rates("decode_once_torchvision", tv_shape, tv_rates)
+        cpu_writer.add("decode_once_torchvision", tv_shape(1), "speedup_vs_reference_pil",
+                       tv_rate / ref_rate, "x")
         if have_ffcv:
-            beton = os.path.join(tmp, "sample.beton")
-            write_sample_beton(args.zip, n, beton, args.max_resolution)
-            res = f"max_res={args.max_resolution}"
             # Per view is ~8x slower: half the images (at least 50) keep its run short.
             n_view = min(n, max(50, n // 2))
             view_shape = lambda w: shape_key(images=n_view, crops=CROPS,  # noqa: E731
@@ -442,11 +537,28 @@ def main(argv=None) -> None:
                                   decode_once_rates(loader, n, args.cores, repeats))
             cpu_writer.add("decode_once", once_shape(1), "speedup_vs_reference_pil",
                            once_rate / ref_rate, "x")
+            cpu_writer.add("decode_once_torchvision", tv_shape(1), "speedup_vs_decode_once",
+                           tv_rate / once_rate, "x")
             all_canvases = ffcv_canvases(loader)
             stage = "ffcv"
         else:
             all_canvases = pack(decoded, len(decoded), args.pil_canvas)
             side, stage = args.pil_canvas, "pil"
+        cuda = device.type == "cuda"
+        loader_batches = args.loader_batches or (8 if cuda else 2)
+        loader_batch = min(args.batch, n // (loader_batches + 1))  # the sample may be small
+        real = train_loader_rates(beton, args.loader_preset, loader_batch, loader_batches,
+                                  device)
+        real_shape = shape_key(preset=args.loader_preset, B=loader_batch, stage=real["stage"],
+                               dtype=real["dtype"], workers=real["workers"], source=res)
+        writer.add("train_loader", real_shape, "images_per_s_per_process", real["per_process"],
+                   "images/s")
+        writer.add("train_loader", real_shape, "images_per_s_per_core", real["per_core"],
+                   "images/s")
+        if cuda:
+            writer.add("decode_gpu_torchvision", shape_key(B=args.batch, source=res),
+                       "images_per_s", gpu_decode_rate(beton, args.batch, args.repeats),
+                       "images/s")
     canvases = (*all_canvases, f"({stage.upper()} {side})")
     images, valid, original = cycle(all_canvases, args.batch)
 
@@ -456,7 +568,6 @@ def main(argv=None) -> None:
                                out_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                                channels_last=device.type == "cuda")
     generator = torch.Generator(device=device).manual_seed(0)
-    cuda = device.type == "cuda"
     augment_ms = time_ms(lambda: augment(images, generator, valid_sizes=valid,
                                          original_sizes=original), device,
                          args.repeats if cuda else min(args.repeats, 2), warmup=2 if cuda else 1)

@@ -20,7 +20,7 @@ class Config:
     # data
     data: str = field(default="", metadata={"help": "training data: image folder, zip of JPEGs, FFCV .beton (decode-once GPU multi-crop; see python -m fastswav.data.write), a download root for torchvision-cifar10, or download:cifar10 (torchvision's CIFAR-10 in ~/.cache/fastswav/data, fetched on first use)"})
     data_kind: str = field(default="auto", metadata={"help": "auto | folder | zip | beton | torchvision-cifar10"})
-    workers: int = field(default=8, metadata={"help": "data loader worker processes per training process"})
+    workers: int = field(default=-1, metadata={"help": "data loader workers per training process (decode threads for a .beton, worker processes otherwise); -1: the cores this process may use shared among the processes of this machine (torchrun's LOCAL_WORLD_SIZE)"})
     in_memory: bool = field(default=False, metadata={"help": "pil augmentation: decode the whole dataset into memory once (small data only)"})
     augment: str = field(default="pil", metadata={"help": "pil: torchvision transforms per image in loader workers; batched: decode every image once into device memory and cut all crops as batched tensor work (small data, e.g. CIFAR-10). A .beton always takes the decode-once loader (batched crops on the device)"})
     # multi-crop
@@ -112,6 +112,8 @@ class Config:
             raise ValueError(f"data_kind={self.data_kind!r}: expected auto, folder, zip, beton or torchvision-cifar10")
         if self.optimizer not in ("lars", "sgd"):
             raise ValueError(f"optimizer={self.optimizer!r}: expected lars or sgd")
+        if self.workers < -1:
+            raise ValueError(f"workers must be >= 0, or -1 for the cores per process, got {self.workers}")
         if self.augment not in ("pil", "batched"):
             raise ValueError(f"augment={self.augment!r}: expected pil or batched")
         from .profiling import parse_window

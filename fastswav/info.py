@@ -423,7 +423,10 @@ def _parser() -> argparse.ArgumentParser:
     memory = parser.add_argument_group(
         "memory", "--memory [--preset NAME] [--processes N] [--field=value ...]: the peak "
         "memory per training process of a recipe, by part, against each visible GPU (an 80 GB "
-        "card where there is none); the trainer stops before its first step where it does not fit")
+        "card where there is none); the trainer stops before its first step where it does not fit. "
+        "With --data=FILE.beton the decode-once data path (canvases on the device, the "
+        "augmentation's working set, pinned host buffers) is counted, at the file's canvas size "
+        "(512 where the file does not exist yet)")
     memory.add_argument("--memory", action="store_true", help="print the memory estimate of a recipe")
     memory.add_argument("--preset", default=None, help="recipe (default: the demo)")
     memory.add_argument("--processes", type=int, default=1,

@@ -10,7 +10,10 @@ block's activations while it is recomputed.
 
 The rest is counted: float32 parameters, gradients (DDP uses them as its buckets) and the
 optimizer's momentum; autocast's bf16 weight copies; the crops of the step's micro-batches
-and of the batch being loaded; the loss's score matrices; the feature queue. A margin
+and of the batch being loaded (bf16 on CUDA, float32 elsewhere); the loss's score matrices;
+the feature queue; with a .beton, the decode-once data path on the device: two batches of
+uint8 canvases (the one augmented, the next copied in) and the augmentation's working set
+(:func:`augment_peak_bytes`), with the loader's pinned host buffers reported beside. A margin
 covers what is neither: the backward's transient tensors (10 % of the activations) and, on
 a GPU, the CUDA context, cuDNN/cuBLAS workspaces and the caching allocator's slack
 (1.5 GiB). With checkpointing the estimate is an upper bound: it keeps every block input
@@ -57,12 +60,14 @@ class MemoryEstimate:
     queue: int
     transients: int
     reserved: int               # CUDA context, workspaces, allocator slack (GPU only)
+    data_path: int = 0          # decode-once: canvases on the device + the augmentation's peak
+    host_pinned: int = 0        # decode-once: the loader's pinned host buffers (not device memory)
 
     @property
     def total(self) -> int:
         return (self.activations + self.parameters + self.gradients + self.optimizer_state
                 + self.weight_copies + self.inputs + self.loss + self.queue + self.transients
-                + self.reserved)
+                + self.reserved + self.data_path)
 
     def rows(self) -> List[Tuple[str, int]]:
         return [
@@ -76,6 +81,7 @@ class MemoryEstimate:
             ("feature queue", self.queue),
             ("backward transients", self.transients),
             ("CUDA context, workspaces, allocator slack", self.reserved),
+            ("decode-once canvases and augmentation", self.data_path),
         ]
 
     def fits(self, capacity: int, headroom: float = 0.0) -> bool:
@@ -185,6 +191,50 @@ def activation_bytes(cfg, device_type: str = "cuda") -> Tuple[Tuple[int, int], T
             _linear(_PROBE_BATCHES, [largest for _, largest in measured]))
 
 
+# Canvases a decode-once loader has on the device at once: the batch being augmented and
+# the next one being copied in.
+CANVASES_ON_DEVICE = 2
+# Float32 crop-group-sized tensors alive at once in the augmentation's colour and blur steps
+# (the crops, the blurred planes with their padding, the two convolution outputs).
+AUGMENT_FLOAT_COPIES = 4
+
+
+def augment_peak_bytes(batch: int, canvas: int, size_crops, n_crops, device_type: str) -> int:
+    """Peak bytes of one :class:`~fastswav.data.batched_multicrop.BatchedMultiCrop` call on
+    ``batch`` canvases of side ``canvas`` beyond its input and its output crops: the canvases
+    in the resize dtype (float16 on CUDA, float32 elsewhere), plus the largest crop group's
+    working set: the two resize matmuls' results, or the float32 copies of the colour and
+    blur steps, whichever is larger."""
+    resize = 2 if device_type == "cuda" else 4
+    pixels = batch * 3 * canvas * canvas * resize
+    group = 0
+    for size, count in zip(size_crops, n_crops):
+        n = batch * count
+        matmuls = batch * count * size * 3 * canvas * resize + n * 3 * size * size * resize
+        floats = AUGMENT_FLOAT_COPIES * n * 3 * size * size * 4
+        group = max(group, matmuls, floats)
+    return pixels + group
+
+
+def decode_once_canvas(cfg) -> Optional[int]:
+    """The canvas side the decode-once loader will use for ``cfg``'s data (the .beton's
+    largest stored side, at most 1024), the writer's default cap where the file cannot be
+    read yet; None where the data is not a .beton."""
+    from .data.decode_once import MAX_DEFAULT_CANVAS
+    from .data.write import DEFAULT_MAX_RESOLUTION
+
+    data = getattr(cfg, "data", "") or ""
+    if not (cfg.data_kind == "beton" or (cfg.data_kind == "auto" and data.endswith(".beton"))):
+        return None
+    try:
+        from .data.beton import IMAGE, BetonFile
+
+        stored = BetonFile(data).metadata[IMAGE]
+        return min(int(max(stored["height"].max(), stored["width"].max())), MAX_DEFAULT_CANVAS)
+    except (OSError, ValueError):
+        return DEFAULT_MAX_RESOLUTION
+
+
 def estimate(cfg, world_size: int = 1, device_type: str = "cuda") -> MemoryEstimate:
     """Peak bytes of one of ``world_size`` training processes of ``cfg`` on ``device_type``."""
     from .model import build_model
@@ -199,6 +249,17 @@ def estimate(cfg, world_size: int = 1, device_type: str = "cuda") -> MemoryEstim
     global_micro = cfg.batch_size * world_size
     queue_rows = (cfg.queue_length - cfg.queue_length % global_micro) // world_size
     gpu = device_type == "cuda"
+    from .data.batched_multicrop import training_crop_dtype
+
+    crop_bytes = torch.finfo(training_crop_dtype(device_type)).bits // 8
+    canvas = decode_once_canvas(cfg)
+    data_path = host_pinned = 0
+    if canvas is not None:
+        canvas_bytes = batch * 3 * canvas * canvas
+        data_path = (CANVASES_ON_DEVICE * canvas_bytes
+                     + augment_peak_bytes(batch, canvas, cfg.size_crops, cfg.n_crops, device_type))
+        if gpu:  # FFCV's batches_ahead + 2 slots (the default 2 ahead), as many as needed
+            host_pinned = 4 * canvas_bytes
     return MemoryEstimate(
         device_type=device_type,
         batch=batch,
@@ -208,11 +269,13 @@ def estimate(cfg, world_size: int = 1, device_type: str = "cuda") -> MemoryEstim
         gradients=4 * n_params,
         optimizer_state=4 * n_params if cfg.momentum else 0,
         weight_copies=2 * n_params if gpu else 0,
-        inputs=4 * pixels * batch * (cfg.grad_accum + 1),
+        inputs=crop_bytes * pixels * batch * (cfg.grad_accum + 1),
         loss=4 * cfg.n_prototypes * (2 * cfg.total_crops * batch + n_assign * (queue_rows + batch)),
         queue=4 * n_assign * queue_rows * cfg.out_dim,
         transients=int(TRANSIENT_FRACTION * activations),
         reserved=GPU_RESERVED_BYTES if gpu else 0,
+        data_path=data_path,
+        host_pinned=host_pinned,
     )
 
 
@@ -234,6 +297,9 @@ def format_estimate(est: MemoryEstimate, cfg, label: str,
         if value:
             lines.append(f"  {name:<44} {gib(value):>10}")
     lines.append(f"  {'total (estimate)':<44} {gib(est.total):>10}")
+    if est.host_pinned:
+        lines.append(f"  (and {gib(est.host_pinned)} of pinned host memory for the loader's "
+                     f"canvas buffers, per process)")
     lines.append(f"  ({est.activations_per_image / 2 ** 20:.1f} MiB saved per multi-crop image, "
                  f"measured on the model at {_PROBE_BATCHES[0]} and {_PROBE_BATCHES[1]} images)")
     for name, capacity in capacities or [("an 80 GB card", CARD_80GB_BYTES)]:

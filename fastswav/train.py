@@ -275,6 +275,14 @@ def _is_beton(cfg: Config) -> bool:
     return cfg.data_kind == "beton" or (cfg.data_kind == "auto" and cfg.data.endswith(".beton"))
 
 
+def data_workers(cfg: Config) -> int:
+    """Loader workers per process: ``--workers``, or for -1 (the default) the cores this
+    process may use shared among the processes of this machine."""
+    from .data.decode_once import default_workers
+
+    return cfg.workers if cfg.workers >= 0 else default_workers()
+
+
 def build_data(cfg: Config, dist_info: DistInfo, device: torch.device):
     """The training source and its loader (call ``set_epoch`` on the loader every epoch)."""
     from .data.sources import open_source
@@ -297,20 +305,29 @@ def build_data(cfg: Config, dist_info: DistInfo, device: torch.device):
     crop_args = dict(size_crops=cfg.size_crops, n_crops=cfg.n_crops, min_scale=cfg.min_scale_crops,
                      max_scale=cfg.max_scale_crops, blur_prob=cfg.blur_prob,
                      jitter_strength=cfg.jitter_strength)
+    from .data.batched_multicrop import training_crop_dtype
+
+    workers = data_workers(cfg)
+    if dist_info.is_main:
+        log.info("data loader: %d workers per process (%s)", workers,
+                 f"--workers={cfg.workers}" if cfg.workers >= 0 else
+                 "the cores per process of this machine; set with --workers")
     if _is_beton(cfg):
         from .data.ffcv_loader import build_ffcv_multicrop_loader
 
-        loader = build_ffcv_multicrop_loader(
+        loader = build_ffcv_multicrop_loader(  # logs which decoder runs
             source.path, cfg.batch_size, **crop_args, channels_last=use_channels_last(cfg, device),
-            rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.seed, device=device,
-            num_workers=cfg.workers or None)
+            out_dtype=training_crop_dtype(device.type), rank=dist_info.rank,
+            world_size=dist_info.world_size, seed=cfg.seed, device=device,
+            num_workers=max(workers, 1))
         return source, loader
     if cfg.augment == "batched":
         from .data.batched_multicrop import BatchedMultiCrop
         from .data.resident import ResidentImages, ResidentMultiCropLoader
 
         images = ResidentImages.from_source(source, device=device)
-        augment = BatchedMultiCrop(**crop_args, channels_last=use_channels_last(cfg, device))
+        augment = BatchedMultiCrop(**crop_args, channels_last=use_channels_last(cfg, device),
+                                   out_dtype=training_crop_dtype(device.type))
         loader = ResidentMultiCropLoader(images, augment, cfg.batch_size, seed=cfg.seed,
                                          rank=dist_info.rank, world_size=dist_info.world_size,
                                          device=device)
@@ -321,7 +338,7 @@ def build_data(cfg: Config, dist_info: DistInfo, device: torch.device):
 
     dataset = MultiCropDataset(source, MultiCropTransform(**crop_args))
     loader = build_pretrain_loader(
-        dataset, batch_size=cfg.batch_size, num_workers=cfg.workers, seed=cfg.seed,
+        dataset, batch_size=cfg.batch_size, num_workers=workers, seed=cfg.seed,
         rank=dist_info.rank, world_size=dist_info.world_size, drop_last=True,
         pin_memory=device.type == "cuda",
     )
@@ -341,7 +358,7 @@ def knn_accuracy(cfg: Config, model: nn.Module, device: torch.device) -> Optiona
             unwrap(model).trunk, train, test, image_size=max(cfg.size_crops), k=cfg.knn_k,
             temperature=cfg.knn_temperature, batch_size=256, device=device,
             max_train=cfg.knn_max_train or None, max_test=cfg.knn_max_test or None,
-            num_workers=min(cfg.workers, 4),
+            num_workers=min(data_workers(cfg), 4),
         )
     except (ValueError, FileNotFoundError) as exc:  # unlabelled images, say: train anyway
         log.warning("kNN evaluation skipped: %s", exc)

@@ -3,6 +3,7 @@ import io
 import logging
 import os
 import pickle
+import re
 import zipfile
 
 import numpy as np
@@ -470,3 +471,83 @@ def test_loader_batches_are_reproducible_across_worker_counts(image_zip):
     # Over an epoch without dropped images, the corrupt one is met and counted.
     full = build_pretrain_loader(dataset, batch_size=1, seed=3, drop_last=False)
     assert sum(skipped for _, skipped in full) == 1
+
+
+# --- workers, crop dtype, and the writer's checks before writing ----------------------------
+
+def test_workers_default_to_the_cores_per_process_and_are_logged(tiny_folder, tmp_path,
+                                                                  monkeypatch, caplog):
+    from conftest import tiny_config
+    from fastswav.distributed import DistInfo
+    from fastswav.train import build_data, data_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    cfg = tiny_config(tiny_folder, tmp_path).replace(workers=-1, augment="pil")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert data_workers(cfg) == 2  # 16 cores, 8 processes on this machine
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert data_workers(cfg) == 16
+    assert data_workers(cfg.replace(workers=3)) == 3 and data_workers(cfg.replace(workers=0)) == 0
+    with pytest.raises(ValueError, match="workers"):
+        cfg.replace(workers=-2).validate()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    with caplog.at_level(logging.INFO, logger="fastswav"):
+        _, loader = build_data(cfg, DistInfo(), torch.device("cpu"))
+    assert loader.num_workers == 2
+    assert any("data loader: 2 workers per process (the cores per process" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_crops_are_bf16_on_cuda_with_the_values_autocast_would_give():
+    """On CUDA the step runs under bf16 autocast, which casts float32 crops to bf16 at the
+    first convolution: crops made in bf16 hold exactly those values (checked on the CPU)."""
+    from fastswav.data.batched_multicrop import BatchedMultiCrop, training_crop_dtype
+
+    assert training_crop_dtype("cuda") == torch.bfloat16
+    assert training_crop_dtype("cpu") == torch.float32
+    images = torch.randint(0, 256, (3, 3, 41, 37), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    recipe = dict(size_crops=(24, 12), n_crops=(2, 3), min_scale=(0.14, 0.05),
+                  max_scale=(1.0, 0.14))
+    wide = BatchedMultiCrop(**recipe)(images, torch.Generator().manual_seed(4))
+    half = BatchedMultiCrop(**recipe, out_dtype=torch.bfloat16)(
+        images, torch.Generator().manual_seed(4))
+    for a, b in zip(wide, half):
+        assert b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b)
+
+
+def test_write_refuses_a_target_without_room_in_one_line(tiny_folder, tmp_path, monkeypatch,
+                                                         capsys):
+    import shutil
+    from collections import namedtuple
+
+    from fastswav.data import write
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9, 50_000))
+    out = tmp_path / "o.beton"
+    with pytest.raises(SystemExit) as exit_info:
+        write.main([str(tiny_folder), str(out), "--workers", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "GB free" in err[0], err
+    assert re.search(r"49 images x [\d.]+ KB, measured on the first 3[12]\)", err[0]), err[0]
+    assert not out.exists() and not (tmp_path / "o.beton.partial").exists()
+
+
+def test_write_finds_a_missing_package_before_reading_the_source(tmp_path, monkeypatch,
+                                                                  capsys):
+    import importlib.util
+
+    from fastswav.data import write
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tqdm" else real(name, *a))
+    opened = []
+    monkeypatch.setattr(write, "open_source", lambda *a, **k: opened.append(a))
+    with pytest.raises(SystemExit) as exit_info:
+        write.main([str(tmp_path), str(tmp_path / "o.beton")])
+    assert exit_info.value.code == 2 and opened == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: missing package(s): tqdm")

@@ -245,18 +245,30 @@ def test_writer_cli_writes(tmp_path, small):
     assert len(BetonSource(str(out))) == 1
 
 
-def test_without_ffcv_writer_says_how_to_install(tmp_path, capsys, monkeypatch):
+def test_without_ffcv_the_writer_writes_the_same_file(tmp_path, small, monkeypatch, caplog):
+    """With ``ffcv`` unimportable, data.write writes the format itself: the same rows
+    (labels, stored and original sizes, the unreadable image left out) as FFCV's writer."""
+    from fastswav.data.beton import BetonFile
     from fastswav.data.write import main
 
     monkeypatch.setitem(sys.modules, "ffcv", None)  # `import ffcv` now fails
     with pytest.raises(FFCVUnavailableError, match="pip install"):
         import_ffcv()
-    folder = write_files(tmp_path / "images", {"a/x.jpg": _encode(
-        _smooth(np.random.default_rng(1), 20, 30), "JPEG")})
-    assert main([folder, str(tmp_path / "o.beton")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ffcv is not importable")
-    assert "pip install" in err[0] and "libturbojpeg0-dev" in err[0]
+    out = tmp_path / "own.beton"
+    with caplog.at_level(logging.INFO, logger="fastswav"):
+        assert main([small[0], str(out), "--max-resolution", str(CAP), "--jpeg-quality", "95",
+                     "--workers", "2"]) == 0
+    assert any("ffcv is not importable" in r.getMessage() for r in caplog.records)
+    ours, theirs = BetonFile(str(out)), BetonFile(small[2])
+    assert ours.fields == theirs.fields and ours.num_samples == theirs.num_samples
+    assert int(ours.header["page_size"]) == int(theirs.header["page_size"])
+    for name in ("label", "orig_height", "orig_width"):
+        assert ours.metadata[name].tolist() == theirs.metadata[name].tolist()
+    for name in ("height", "width", "mode"):
+        assert ours.metadata["image"][name].tolist() == theirs.metadata["image"][name].tolist()
+    for i in range(ours.num_samples):  # same pixels up to the two encoders and resizers
+        a, b = BetonSource(str(out)).decode(i), BetonSource(small[2]).decode(i)
+        assert np.abs(a.astype(int) - b.astype(int)).mean() < 3
 
 
 # --- decode-once loader ---------------------------------------------------------------------
@@ -499,18 +511,18 @@ def test_builder_gives_the_ffcv_loader_and_checks_its_input(small, tmp_path):
         build_ffcv_multicrop_loader(small[2], batch_size=64, world_size=2)
 
 
-def test_builder_falls_back_to_the_reference_path_without_ffcv(small, monkeypatch, caplog):
-    from fastswav.data.loader import PretrainLoader
+def test_builder_gives_the_torchvision_loader_without_ffcv(small, monkeypatch, caplog):
+    from fastswav.data.decode_once import TorchvisionMultiCropLoader
 
     monkeypatch.setitem(sys.modules, "ffcv", None)  # as where ffcv is not installed
-    with caplog.at_level(logging.WARNING, logger="fastswav"):
+    with caplog.at_level(logging.INFO, logger="fastswav"):
         loader = build_ffcv_multicrop_loader(small[2], batch_size=4, size_crops=(16, 8),
-                                             n_crops=(2, 2), seed=1, rank=1, world_size=2)
-    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(lines) == 1, [r.getMessage() for r in lines]
-    message = lines[0].getMessage()
-    assert "reference" in message and "pip install" in message
-    assert isinstance(loader, PretrainLoader)
+                                             n_crops=(2, 2), seed=1, rank=1, world_size=2,
+                                             num_workers=1)
+    lines = [r.getMessage() for r in caplog.records if "decode-once loader" in r.getMessage()]
+    assert len(lines) == 1 and "torchvision" in lines[0] and "not importable" in lines[0]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert isinstance(loader, TorchvisionMultiCropLoader) and loader.canvas == CAP
     loader.set_epoch(1)
     crops, skipped = next(iter(loader))
     assert skipped == 0 and [tuple(c.shape) for c in crops] == [(4, 3, 16, 16)] * 2 + [

@@ -62,6 +62,14 @@ GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 
 
+def training_crop_dtype(device_type: str) -> torch.dtype:
+    """The dtype the trainer's crops are made in: bfloat16 on CUDA, where the step runs
+    under bf16 autocast and the first convolution would cast float32 crops to bfloat16
+    anyway (the same rounding, so the same values, at half the bytes and bandwidth);
+    float32 elsewhere (no autocast on the CPU)."""
+    return torch.bfloat16 if device_type == "cuda" else torch.float32
+
+
 @dataclass
 class CropParams:
     """The random parameters of one crop group, one row per crop, crop-major (row c*B + b is
@@ -297,6 +305,7 @@ class BatchedMultiCrop:
         self.out_dtype = out_dtype
         self.channels_last = bool(channels_last)
         self.resize_dtype = resize_dtype  # None: float16 on CUDA, float32 elsewhere
+        self._constants = {}  # device -> normalisation constants (see _normalisation)
         # Jitter factor ranges, as torchvision's ColorJitter(0.8s, 0.8s, 0.8s, 0.2s).
         s = self.jitter_strength
         self.jitter_ranges = ((max(0.0, 1 - 0.8 * s), 1 + 0.8 * s),) * 3 + ((-0.2 * s, 0.2 * s),)
@@ -320,11 +329,13 @@ class BatchedMultiCrop:
         box = random_resized_crop_params(heights, widths, scale, generator=generator)
         u = torch.rand(n, 12, device=device, generator=generator)
         jitter = u[:, 1] < self.jitter_prob if self.jitter_strength > 0 else u[:, 1] < 0
-        low = torch.tensor([r[0] for r in self.jitter_ranges], device=device)
-        high = torch.tensor([r[1] for r in self.jitter_ranges], device=device)
-        factors = low + (high - low) * u[:, 2:6]
-        neutral = torch.tensor([1.0, 1.0, 1.0, 0.0], device=device)
-        factors = torch.where(jitter.unsqueeze(1), factors, neutral)
+        # Ranges as Python scalars (kernel arguments): a tensor built from a list here would
+        # be a blocking host-to-device copy on every call.
+        (blend_low, blend_high), (hue_low, hue_high) = self.jitter_ranges[0], self.jitter_ranges[3]
+        skipped = ~jitter.unsqueeze(1)
+        blends = (blend_low + (blend_high - blend_low) * u[:, 2:5]).masked_fill_(skipped, 1.0)
+        hues = (hue_low + (hue_high - hue_low) * u[:, 5:6]).masked_fill_(skipped, 0.0)
+        factors = torch.cat([blends, hues], dim=1)  # neutral 1, 1, 1, 0 where not jittered
         blend_order = u[:, 6:9].argsort(dim=1)  # a uniform random order of B, C, S
         # Hue position: stratified over the rows (see _jitter), inserted into blend_order.
         hue_position = torch.empty(n, dtype=torch.long, device=device)
@@ -365,8 +376,9 @@ class BatchedMultiCrop:
         batch, _, height, width = canvas.shape
         device = canvas.device
         if valid_sizes is None:
-            valid = torch.tensor([[height, width]], dtype=torch.float64,
-                                 device=device).expand(batch, 2)
+            valid = torch.empty(batch, 2, dtype=torch.float64, device=device)
+            valid[:, 0].fill_(height)  # fills, not a tensor from host data (see draw_params)
+            valid[:, 1].fill_(width)
         else:
             valid = valid_sizes.to(device=device, dtype=torch.float64)
         original = (valid if original_sizes is None
@@ -380,8 +392,7 @@ class BatchedMultiCrop:
         pixels = canvas.permute(0, 2, 1, 3).to(resize_dtype).reshape(batch, height, 3 * width)
 
         # ToTensor's 1/255 goes into the resize weights; Normalize is one fused op at the end.
-        norm_scale = (1.0 / torch.tensor(self.std, device=device)).view(1, 3, 1, 1)
-        norm_bias = (-torch.tensor(self.mean, device=device) * norm_scale.flatten()).view(1, 3, 1, 1)
+        norm_scale, norm_bias = self._normalisation(device)
         crops, all_params = [], []
         for size, count, low, high in zip(self.size_crops, self.n_crops, self.min_scale,
                                           self.max_scale):
@@ -418,6 +429,19 @@ class BatchedMultiCrop:
             crops.extend(x.chunk(count, dim=0))
             all_params.append(params)
         return (crops, all_params) if return_params else crops
+
+    def _normalisation(self, device: torch.device):
+        """(1 / std, -mean / std) as [1, 3, 1, 1] float32 on ``device``, made once per device
+        by fills: no tensor from host data, so no host-to-device copy, even on the first call."""
+        key = str(device)
+        if key not in self._constants:
+            scale = torch.empty(1, 3, 1, 1, device=device)
+            bias = torch.empty(1, 3, 1, 1, device=device)
+            for c in range(3):
+                scale[0, c].fill_(1.0 / self.std[c])
+                bias[0, c].fill_(-self.mean[c] / self.std[c])
+            self._constants[key] = scale, bias
+        return self._constants[key]
 
     @staticmethod
     def _split_order(order: torch.Tensor):
