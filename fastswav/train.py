@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._callable import make_callable
+from .cli import UsageParser
 from .checkpoint import (NoReadableCheckpoint, check_room, checkpoint_path, find_resumable,
                          free_bytes, load_checkpoint, prune_checkpoints,
                          queue_path, remove_stale_temporaries, save_checkpoint,
@@ -59,7 +60,7 @@ class UsageError(ValueError):
 def _preset_in(argv: Optional[Sequence[str]]) -> str:
     """The --preset of a command line (the default when absent or unknown), read before the
     full parser is built so that --help can show that preset's values."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = UsageParser(add_help=False)
     pre.add_argument("--preset", default=DEFAULT_PRESET)
     name = pre.parse_known_args(argv)[0].preset
     return name if name in PRESETS else DEFAULT_PRESET
@@ -67,7 +68,7 @@ def _preset_in(argv: Optional[Sequence[str]]) -> str:
 
 def _parser(preset_name: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
     presets = "\n".join(f"  {name:<17} {desc}" for name, (desc, _) in PRESETS.items())
-    parser = argparse.ArgumentParser(
+    parser = UsageParser(
         prog="python -m fastswav.train",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="SwAV self-supervised pretraining. Without --preset, runs the CPU demo "

@@ -99,3 +99,18 @@ def loss_and_grads(fn, emb, protos, grad_out, **kwargs):
     loss = fn(e, c, **kwargs)
     loss.backward(grad_out)
     return loss.detach(), e.grad, c.grad
+
+
+@pytest.fixture
+def usage_error(capsys):
+    """``usage_error(main, argv)``: runs a command's ``main`` on bad input, asserts that it
+    ended with exit status 2 and one ``error:`` line on stderr, and returns that line."""
+    def run(main, argv):
+        try:
+            status = main(list(argv))
+        except SystemExit as exit_:
+            status = exit_.code
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert status == 2 and len(err) == 1 and err[0].startswith("error: "), (status, err)
+        return err[0]
+    return run

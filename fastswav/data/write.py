@@ -24,6 +24,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from ..cli import UsageParser
 from .beton import (FIELDS, IMAGE, INSTALL_HINT, LABEL, ORIG_HEIGHT, ORIG_WIDTH, BetonFile,
                     FFCVUnavailableError, drop_rows, import_ffcv)
 from .sources import KINDS, SPLITS, ImageSource, open_source
@@ -165,15 +166,8 @@ def write_beton(source: ImageSource, out: str, max_resolution: int = DEFAULT_MAX
     return WriteResult(out, int(len(order) - len(skipped)), skipped)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``error: ...`` and exit status 2."""
-
-    def error(self, message):  # noqa: D401 - argparse's hook
-        self.exit(2, f"error: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = UsageParser(
         prog="python -m fastswav.data.write",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from fastswav.cli import UsageParser, fail
 from fastswav.data.sources import ImageSource, UnreadableImageError
 from fastswav.eval.common import add_probe_arguments, open_probe_inputs
 
@@ -227,7 +228,7 @@ def knn_eval(trunk: torch.nn.Module, train_source: ImageSource, test_source: Ima
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = UsageParser(
         prog="python -m fastswav.eval.knn",
         description=(
             "Weighted kNN top-1 of a pretrained trunk: features of the training images are "
@@ -265,11 +266,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in ("k", "batch_size", "max_train", "max_test"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be >= 1, got {value}")
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.temperature <= 0:
-        sys.exit(f"error: --temperature must be > 0, got {args.temperature}")
+        fail(f"--temperature must be > 0, got {args.temperature}")
     if args.num_workers < 0:
-        sys.exit(f"error: --num-workers must be >= 0, got {args.num_workers}")
+        fail(f"--num-workers must be >= 0, got {args.num_workers}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     train_source, test_source, trunk, image_size, device = open_probe_inputs(args, "kNN")
     top1 = knn_eval(trunk, train_source, test_source, image_size, k=args.k,

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fastswav.cli import UsageParser, fail
 from fastswav.data.sources import ImageSource
 from fastswav.eval.common import add_probe_arguments, open_probe_inputs
 from fastswav.eval.knn import (_collate_readable, _EvalImages, _test_labels_in_train_classes,
@@ -292,7 +293,7 @@ def _float_list(text: str):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = UsageParser(
         prog="python -m fastswav.eval.linear",
         description=(
             "Linear probe of a pretrained trunk: a linear classifier on frozen trunk features, "
@@ -351,13 +352,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in ("batch_size", "max_train", "max_test", "steps", "epochs"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be >= 1, got {value}")
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.num_workers < 0:
-        sys.exit(f"error: --num-workers must be >= 0, got {args.num_workers}")
+        fail(f"--num-workers must be >= 0, got {args.num_workers}")
     if not 0 < args.val_fraction < 1:
-        sys.exit(f"error: --val-fraction must lie in (0, 1), got {args.val_fraction}")
+        fail(f"--val-fraction must lie in (0, 1), got {args.val_fraction}")
     if args.lr <= 0 or args.weight_decay < 0:
-        sys.exit("error: --lr must be > 0 and --weight-decay >= 0")
+        fail("--lr must be > 0 and --weight-decay >= 0")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     train_source, test_source, trunk, image_size, device = open_probe_inputs(
         args, "the linear probe")
