@@ -13,12 +13,10 @@ from PIL import Image
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# The folder holding cifar10-jpeg.zip: $FASTSWAV_SHARED_DATA, else the data folder beside the
-# repository, else .data/ in it (where `make test` writes the zip when there is none).
-_BESIDE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-_WRITTEN = os.path.join(os.path.dirname(__file__), "..", ".data")
-SHARED_DATA = os.environ.get("FASTSWAV_SHARED_DATA") or (
-    _BESIDE if os.path.isdir(_BESIDE) or not os.path.isdir(_WRITTEN) else _WRITTEN)
+# The folder holding cifar10-jpeg.zip: $FASTSWAV_SHARED_DATA (`make test` sets it), else .data/
+# in the repository (where `make test` writes the zip when there is none).
+SHARED_DATA = os.environ.get("FASTSWAV_SHARED_DATA") or os.path.join(
+    os.path.dirname(__file__), "..", ".data")
 
 
 def pytest_collection_modifyitems(config, items):
