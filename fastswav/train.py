@@ -39,7 +39,7 @@ from .distributed import (DistInfo, PeerFailed, agree_on_error, decided_by_main,
                           shutdown, sync_bn_group)
 from .faults import (EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PEER_FAILED, EXIT_PREEMPTED, DiskFull,
                      Diverged, NonFiniteTracker, PreemptionHandler, Preempted, code_entropy_ratio,
-                     looks_collapsed)
+                     looks_collapsed, said_before)
 from .loss import SwAVLoss
 from .model import arch_prefers_channels_last, build_model, parse_arch
 from .ops.sinkhorn import swav_codes
@@ -884,8 +884,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg, preset_name, resume = parse_args(argv)
         run(cfg, preset_name, resume)
-    except UsageError as exc:
-        _report(f"error: {exc}", _reports())
+    except UsageError as exc:  # the same in every restart: said once per launch
+        line = f"error: {exc}"
+        _report(line, _reports() and not said_before(line))
         return 2
     except Diverged as exc:
         _report(f"error: {exc}", _reports())
