@@ -289,6 +289,8 @@ def build_data(cfg: Config, dist_info: DistInfo, device: torch.device):
                              "image folder or a .beton), or run once on a machine with internet "
                              "access so torchvision can download CIFAR-10") from None
         raise UsageError(str(exc)) from None
+    except ValueError as exc:  # no images, an unknown layout
+        raise UsageError(str(exc)) from None
     need = cfg.global_batch(dist_info.world_size)
     if len(source) < need:
         raise UsageError(
@@ -310,7 +312,10 @@ def build_data(cfg: Config, dist_info: DistInfo, device: torch.device):
         from .data.batched_multicrop import BatchedMultiCrop
         from .data.resident import ResidentImages, ResidentMultiCropLoader
 
-        images = ResidentImages.from_source(source, device=device)
+        try:
+            images = ResidentImages.from_source(source, device=device)
+        except ValueError as exc:  # not one readable image
+            raise UsageError(str(exc)) from None
         augment = BatchedMultiCrop(**crop_args, channels_last=use_channels_last(cfg, device))
         loader = ResidentMultiCropLoader(images, augment, cfg.batch_size, seed=cfg.seed,
                                          rank=dist_info.rank, world_size=dist_info.world_size,

@@ -41,3 +41,17 @@ def test_own_photos_train_from_the_readme_command_line(photos, tmp_path, capsys)
     assert status == 0, capsys.readouterr().err
     assert (out / "checkpoint_epoch0001.pt").is_file()
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("contents", ["nothing", "unreadable files only"])
+def test_a_folder_without_one_readable_image_is_one_line(contents, tmp_path, usage_error):
+    from fastswav.train import main
+
+    folder = tmp_path / "my_photos"
+    folder.mkdir()
+    if contents != "nothing":
+        for i in range(10):
+            (folder / f"{i}.jpg").write_bytes(b"not an image")
+    line = usage_error(main, ["--data", str(folder), "--output-dir", str(tmp_path / "run"),
+                              "--epochs=1", "--steps_per_epoch=1", "--batch_size=4"])
+    assert str(folder) in line, line

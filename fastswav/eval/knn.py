@@ -99,7 +99,7 @@ def extract_features(trunk: torch.nn.Module, data, transform: Optional[Callable]
     finally:
         trunk.train(was_training)
     if not features:
-        raise RuntimeError("no readable image to extract features from")
+        raise ValueError("no readable image to extract features from")
     return torch.cat(features), torch.cat(labels)
 
 
@@ -273,10 +273,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fail(f"--num-workers must be >= 0, got {args.num_workers}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     train_source, test_source, trunk, image_size, device = open_probe_inputs(args, "kNN")
-    top1 = knn_eval(trunk, train_source, test_source, image_size, k=args.k,
-                    temperature=args.temperature, batch_size=args.batch_size, device=device,
-                    max_train=args.max_train, max_test=args.max_test,
-                    num_workers=args.num_workers)
+    try:
+        top1 = knn_eval(trunk, train_source, test_source, image_size, k=args.k,
+                        temperature=args.temperature, batch_size=args.batch_size, device=device,
+                        max_train=args.max_train, max_test=args.max_test,
+                        num_workers=args.num_workers)
+    except ValueError as err:  # no readable image, no shared class
+        fail(err)
     print(f"kNN top-1: {top1:.2f}%")
     return 0
 

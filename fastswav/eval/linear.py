@@ -254,7 +254,7 @@ def official_linear_eval(trunk: nn.Module, train_source: ImageSource, test_sourc
     finally:
         trunk.train(was_training)
     if total == 0:
-        raise RuntimeError("no readable test image")
+        raise ValueError("no readable test image")
     return 100.0 * correct / total
 
 
@@ -367,20 +367,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if mode == "auto":
         mode = "fast" if n_train <= FAST_MODE_MAX_IMAGES else "official"
     log.info("linear probe: %s mode, %d training images, image size %d", mode, n_train, image_size)
-    if mode == "fast":
-        result = fast_linear_eval(
-            trunk, train_source, test_source, image_size, weight_decays=args.weight_decays,
-            steps=args.steps, val_fraction=args.val_fraction, batch_size=args.batch_size,
-            device=device, num_workers=args.num_workers, max_train=args.max_train,
-            max_test=args.max_test, seed=args.seed)
-        top1 = result["top1"]
-        log.info("linear probe: weight decay %g", result["weight_decay"])
-    else:
-        top1 = official_linear_eval(
-            trunk, train_source, test_source, image_size, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-            weight_decay=args.weight_decay, device=device, num_workers=args.num_workers,
-            max_train=args.max_train, max_test=args.max_test, seed=args.seed)
+    try:
+        if mode == "fast":
+            result = fast_linear_eval(
+                trunk, train_source, test_source, image_size, weight_decays=args.weight_decays,
+                steps=args.steps, val_fraction=args.val_fraction, batch_size=args.batch_size,
+                device=device, num_workers=args.num_workers, max_train=args.max_train,
+                max_test=args.max_test, seed=args.seed)
+            top1 = result["top1"]
+            log.info("linear probe: weight decay %g", result["weight_decay"])
+        else:
+            top1 = official_linear_eval(
+                trunk, train_source, test_source, image_size, epochs=args.epochs,
+                batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                weight_decay=args.weight_decay, device=device, num_workers=args.num_workers,
+                max_train=args.max_train, max_test=args.max_test, seed=args.seed)
+    except ValueError as err:  # no readable image, no shared class
+        fail(err)
     print(f"linear top-1: {top1:.2f}%")
     return 0
 
