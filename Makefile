@@ -6,17 +6,17 @@ PY := $(VENV)/bin/python
 # The torch build this project is developed and tested with; override for another machine,
 # e.g. make test TORCH_SPEC="torch torchvision".
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-# CIFAR-10 for the demo: the zip of JPEGs beside the repository when there is one (read
-# offline), else the preset's default (torchvision's CIFAR-10, downloaded once into
-# ~/.cache/fastswav/data). `make demo DATA=/path/to/cifar10-jpeg.zip` for another copy.
-CIFAR10_ZIP_BESIDE := ../shared/data/cifar10-jpeg.zip
-DATA ?= $(if $(wildcard $(CIFAR10_ZIP_BESIDE)),$(CIFAR10_ZIP_BESIDE),download:cifar10)
+# CIFAR-10 for the demo: $FASTSWAV_SHARED_DATA/cifar10-jpeg.zip (a zip of JPEGs, read
+# offline) where that variable names a folder holding one, else the preset's default
+# (torchvision's CIFAR-10, downloaded once into ~/.cache/fastswav/data).
+# `make demo DATA=/path/to/cifar10-jpeg.zip` for another copy.
+CIFAR10_ZIP_SHARED := $(if $(FASTSWAV_SHARED_DATA),$(wildcard $(FASTSWAV_SHARED_DATA)/cifar10-jpeg.zip))
+DATA ?= $(or $(CIFAR10_ZIP_SHARED),download:cifar10)
 PYTEST_ARGS ?=
-# The data tests read CIFAR-10 as a zip of JPEGs, cifar10-jpeg.zip, from this folder:
-# $FASTSWAV_SHARED_DATA when set, else the folder beside the repository that holds one, else
-# .data/. Where the zip is missing, `make test` writes it from torchvision's CIFAR-10
-# (downloaded once).
-TEST_DATA ?= $(or $(FASTSWAV_SHARED_DATA),$(if $(wildcard $(CIFAR10_ZIP_BESIDE)),$(patsubst %/,%,$(dir $(CIFAR10_ZIP_BESIDE))),.data))
+# The data tests read CIFAR-10 as a zip of JPEGs, cifar10-jpeg.zip, from $FASTSWAV_SHARED_DATA
+# when set (CI sets it: .ci/run), else from .data/. Where the zip is missing, `make test`
+# writes it from torchvision's CIFAR-10 (downloaded once).
+TEST_DATA ?= $(or $(FASTSWAV_SHARED_DATA),.data)
 # FFCV (the decode-once loader, its tests and benchmarks; not the demo) builds from source
 # against these Debian packages.
 FFCV_SPEC ?= ffcv==1.0.2
@@ -65,16 +65,15 @@ test: install ffcv $(TEST_DATA)/cifar10-jpeg.zip
 	  rm -f fastswav/_C*.so; $(PY) -m pip install -q --no-build-isolation --no-deps -e .; }
 	FASTSWAV_SHARED_DATA=$(TEST_DATA) $(PY) -m pytest $(PYTEST_ARGS)
 
-# --- The GPU machines' versions (torch 2.11, torchvision 0.26, triton 3.6; no ffcv, no nvtx) ---
+# --- The oldest versions supported: torch 2.11, torchvision 0.26, triton 3.6 (no ffcv, no nvtx) ---
 # `make compat-test` builds $(COMPAT_VENV) with them and runs the quick tests (-m "not slow").
-# Python: whatever $(PYTHON) is (3.11 here; the GPU machines run 3.12, not installed here).
+# Python: whatever $(PYTHON) is (the package supports 3.10 to 3.12).
 # numpy: below 2.4, because triton 3.6's interpreter (TRITON_INTERPRET=1, how the kernels run
 # without a GPU) fails on numpy >= 2.4 ("only 0-dimensional arrays can be converted to Python
-# scalars"). The GPU machines have numpy 2.5, where only the compiled kernels run.
-# The machine-wide pip constraint file (/etc/xdg/pip: torch<=2.14.1, torchvision<=0.29.1) is
-# bypassed for this venv only by PIP_CONSTRAINT=/dev/null, which replaces the config file's
-# value (checked: pip 23.2 and 26.3 then resolve torch==2.15.0, above the cap). An empty
-# PIP_CONSTRAINT= does not: both pips still apply the file.
+# scalars"); on a GPU, where only the compiled kernels run, numpy 2.5 works.
+# PIP_CONSTRAINT=/dev/null: a pip constraint set elsewhere (pip's config or the environment)
+# must not hold this venv to the main venv's torch. An empty PIP_CONSTRAINT= does not do it:
+# pip then still applies the configured file.
 # Smallest install that imports and runs on the CPU: torch, torchvision and triton with
 # --no-deps, torch's Python deps, and only the CUDA libraries that libtorch_cuda.so links
 # (readelf NEEDED: cudart, cupti, cublas(Lt), cufft, cufile, curand, cusparse (+nvjitlink),
@@ -82,13 +81,7 @@ test: install ffcv $(TEST_DATA)/cifar10-jpeg.zip
 # nvrtc and nvtx wheels, cuda-bindings, cuda-toolkit (loaded lazily or not at all on the
 # CPU). Without the linked ones `import torch` fails (libcudnn.so.9: cannot open shared
 # object file): a --no-deps torch alone does not import. There is no 2.11 CPU-only wheel
-# on PyPI. Measured on a 2-core AMD EPYC (no GPU, other jobs on the same cores, 2026-12-01):
-# `make compat-install` 4 min 26 s / 4 min 38 s (two runs) and 4.3 GB (incl. the CPU-only
-# extension build); the full dependency set (pip install torch==2.11.0 torchvision==0.26.0
-# ...) took 3 min 35 s and 4.7 GB, so --no-deps saves disk, not time (most CUDA wheels came
-# from a local package index).
-# `make compat-test` then took 12 min 30 s (pytest: 250 passed, 46 skipped in 719 s; the
-# fused-vs-reference learning check alone 265 s under triton 3.6's interpreter).
+# on PyPI. It takes about 4.3 GB of disk (the full dependency set: 4.7 GB).
 COMPAT_VENV ?= .venv-compat
 CPY := $(COMPAT_VENV)/bin/python
 COMPAT_PIP := PIP_CONSTRAINT=/dev/null $(CPY) -m pip install -q
@@ -101,7 +94,7 @@ COMPAT_CUDA_LIBS ?= nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85 \
   nvidia-curand==10.4.0.35 nvidia-cusparse==12.6.3.3 nvidia-nvjitlink==13.0.88 \
   nvidia-cusparselt-cu13==0.8.0 nvidia-nccl-cu13==2.28.9 nvidia-cudnn-cu13==9.19.0.56 \
   nvidia-nvshmem-cu13==3.4.5
-# fastswav's own deps and the test extra, without nvtx (absent on the GPU machines) and with
+# fastswav's own deps and the test extra, without nvtx (optional) and with
 # timm --no-deps (its torch requirement would otherwise pull every CUDA wheel).
 COMPAT_DEPS ?= tqdm>=4.60 pytest>=7 matplotlib>=3.5 tensorboard>=2.10 huggingface_hub \
   pyyaml safetensors

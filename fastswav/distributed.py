@@ -7,7 +7,9 @@ barrier's counters) are still there when the restarted group joins: a new rank c
 a dead process's address (``connectFullMesh failed ... Connection refused``) or a barrier
 count that never matches (a hang). :func:`init_distributed` therefore agrees on a fresh
 generation number with a handshake that stale keys cannot satisfy, and builds the process
-group inside that generation's own key space.
+group inside that generation's own key space. All of it lives under a prefix of the run
+(``fastswav/<TORCHELASTIC_RUN_ID>``: torchrun's ``--rdzv-id``, a fresh id per ``--standalone``
+launch; ``SLURM_JOB_ID`` under srun), so two runs that share a store never meet.
 """
 from __future__ import annotations
 
@@ -24,6 +26,13 @@ import torch.distributed as dist
 # Collective timeout when none is given (Config.dist_timeout_s holds the run's own).
 DEFAULT_TIMEOUT_S = 300.0
 _KEYS = "fastswav"
+
+
+def run_key_space() -> str:
+    """The store prefix of this run's keys: its torchrun run id (``--rdzv-id``), else its
+    SLURM job id, else one space for a plain static launch."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID") or "static"
+    return f"{_KEYS}/{run_id}"
 
 
 @dataclass(frozen=True)
@@ -70,29 +79,30 @@ def _job_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
 
 
 def _fresh_generation(store: dist.Store, rank: int, world: int, timeout_s: float) -> int:
-    """A number every rank of this attempt agrees on and no earlier attempt used.
+    """A number every rank of this attempt agrees on and no earlier attempt used
+    (``store``: the run's key space, :func:`run_key_space`).
 
     Rank 0 draws it from an atomic counter and welcomes each rank that says hello under it
     by echoing that rank's one-off token; a rank trusts only a welcome carrying its own
     token, so a generation left by a dead attempt is never taken for the current one.
     """
     if rank == 0:
-        generation = store.add(f"{_KEYS}/generation", 1)
-        store.set(f"{_KEYS}/leader", str(generation))
+        generation = store.add("generation", 1)
+        store.set("leader", str(generation))
         for peer in range(1, world):  # blocks up to the store's timeout per peer
-            token = store.get(f"{_KEYS}/{generation}/hello{peer}")
-            store.set(f"{_KEYS}/{generation}/welcome{peer}", token)
+            token = store.get(f"{generation}/hello{peer}")
+            store.set(f"{generation}/welcome{peer}", token)
         return generation
     token = uuid.uuid4().hex.encode()
     deadline = time.monotonic() + timeout_s
     said_hello_to = None
     while time.monotonic() < deadline:
-        if store.check([f"{_KEYS}/leader"]):
-            generation = int(store.get(f"{_KEYS}/leader"))
+        if store.check(["leader"]):
+            generation = int(store.get("leader"))
             if generation != said_hello_to:
-                store.set(f"{_KEYS}/{generation}/hello{rank}", token)
+                store.set(f"{generation}/hello{rank}", token)
                 said_hello_to = generation
-            welcome = f"{_KEYS}/{generation}/welcome{rank}"
+            welcome = f"{generation}/welcome{rank}"
             if store.check([welcome]) and store.get(welcome) == token:
                 return generation
         time.sleep(0.05)
@@ -122,9 +132,9 @@ def init_distributed(device_type: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> 
             # aborts the communicator instead of leaving the process hung.
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
             torch.cuda.set_device(local_rank)
-        store = _job_store(rank, world, timeout)
+        store = dist.PrefixStore(run_key_space(), _job_store(rank, world, timeout))
         generation = _fresh_generation(store, rank, world, timeout_s)
-        store = dist.PrefixStore(f"{_KEYS}/{generation}/pg", store)
+        store = dist.PrefixStore(f"{generation}/pg", store)
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=store,
                                 rank=rank, world_size=world, timeout=timeout)
         _group.store, _group.timeout_s = store, timeout_s

@@ -7,8 +7,8 @@ one feature vector per image:
 
 - ``FILE.pt`` (the default): ``{"names": [str], "embeddings": float32 [N, D], "skipped":
   [str]}``, which ``torch.load(FILE, weights_only=True)`` reads;
-- ``FILE.npy``: the ``[N, D]`` float32 array, with the names one per line in
-  ``FILE.names.txt`` (the ``.npy`` replaced);
+- ``NAME.npy``: the ``[N, D]`` float32 array, with the names one per line in
+  ``NAME.names.txt`` (``--out e.npy`` writes ``e.npy`` and ``e.names.txt``);
 - ``FILE.csv``: a header ``name,f0,...`` and one row per image.
 
 Names are the images' paths inside ``PATH``. The features are the trunk's pooled output,
@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ._callable import make_callable
+from .cli import UsageParser, fail, load_error_detail
 
 log = logging.getLogger("fastswav")
 
@@ -56,6 +57,22 @@ def resolve_checkpoint(path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return path
+
+
+def load_trunk(checkpoint):
+    """(trunk, the image size it trained on) of a checkpoint file or run folder (its latest
+    checkpoint), on the CPU. FileNotFoundError or ValueError with one line for a missing,
+    junk, truncated or foreign file."""
+    from .model import load_trunk_from_checkpoint
+
+    path = resolve_checkpoint(checkpoint)
+    try:
+        return load_trunk_from_checkpoint(str(path), map_location="cpu")
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as err:  # not a checkpoint, or one cut short
+        raise ValueError(f"{path} could not be read as a fastswav checkpoint "
+                         f"({load_error_detail(err)})") from err
 
 
 def open_images(data, kind: str = "auto", split: str = "train"):
@@ -208,15 +225,13 @@ def embed(checkpoint, data, out=None, *, kind: str = "auto", split: str = "train
     of a folder or zip holding train/ and test/ (or val/) folders. Raises
     FileNotFoundError or ValueError with a one-line message for bad input.
     """
-    from .model import load_trunk_from_checkpoint
-
     if batch_size < 1 or workers < 0:
         raise ValueError("batch_size must be >= 1 and workers >= 0")
     if out is not None and Path(out).suffix.lower() not in FORMATS:
         raise ValueError(f"--out {out}: expected a name ending in {', '.join(FORMATS)}")
-    path = resolve_checkpoint(checkpoint)
+    path = resolve_checkpoint(checkpoint)  # a missing checkpoint is said before any data work
     source = open_images(data, kind, split)
-    trunk, trained_size = load_trunk_from_checkpoint(path, map_location="cpu")
+    trunk, trained_size = load_trunk(path)
     result = embed_source(trunk, source, image_size or trained_size, batch_size, workers,
                           device, bf16, progress)
     if out is not None:
@@ -227,12 +242,13 @@ def embed(checkpoint, data, out=None, *, kind: str = "auto", split: str = "train
 def _parser() -> argparse.ArgumentParser:
     from .data.sources import KINDS, SPLITS
 
-    parser = argparse.ArgumentParser(
+    parser = UsageParser(
         prog="python -m fastswav.embed",
         description=(
             "Write the trunk features of every image of a folder, zip or .beton: .pt (a dict "
             "of names and a float32 tensor; torch.load(FILE, weights_only=True)), .npy (plus "
-            "FILE.names.txt) or .csv. Unreadable images are skipped and listed."),
+            "the names, one per line: --out e.npy writes e.npy and e.names.txt) or .csv. "
+            "Unreadable images are skipped and listed."),
         epilog="Example: python -m fastswav.embed --checkpoint runs/demo --data my_images/ "
                "--out my_images.pt",
     )
@@ -265,13 +281,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.image_size is not None and args.image_size < 1:
-        sys.exit(f"error: --image-size must be >= 1, got {args.image_size}")
+        fail(f"--image-size must be >= 1, got {args.image_size}")
     try:
         result = embed(args.checkpoint, args.data, args.out, kind=args.kind, split=args.split,
                        batch_size=args.batch_size, workers=args.workers, device=args.device,
                        bf16=args.bf16, image_size=args.image_size)
     except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+        fail(err)
     embeddings = result["embeddings"]
     print(f"wrote {embeddings.shape[0]} embeddings of {embeddings.shape[1]} values to {args.out}")
     if result["skipped"]:

@@ -41,6 +41,8 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from .cli import UsageParser, fail, load_error_detail
+
 log = logging.getLogger("fastswav")
 
 TARGETS = ("torchvision", "timm")
@@ -130,16 +132,6 @@ def check_loads_into(state: Dict[str, torch.Tensor], net: torch.nn.Module) -> No
                           f"{missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}")
 
 
-def _load_error_detail(err: Exception) -> str:
-    """One line out of torch.load's error: the weights-only unpickler's actual complaint,
-    not the paragraph of advice around it."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for i, line in enumerate(lines[:-1]):
-        if "WeightsUnpickler error" in line:
-            return f"torch.load: {lines[i + 1]}"
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"
-
-
 def export_trunk(checkpoint_path, target: str = "torchvision",
                  verify: bool = True) -> "OrderedDict[str, torch.Tensor]":
     """The trunk of a fastswav checkpoint as a state dict for ``target`` ('torchvision' or
@@ -150,19 +142,9 @@ def export_trunk(checkpoint_path, target: str = "torchvision",
     either way). Raises FileNotFoundError for a missing checkpoint and
     :class:`ExportError` (a ValueError) when the trunk cannot map onto the target.
     """
-    from .checkpoint import load_checkpoint
     from .config import Config
 
-    try:
-        state = load_checkpoint(checkpoint_path, map_location="cpu")
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # junk, truncated or foreign files
-        raise ExportError(f"{checkpoint_path} could not be read as a checkpoint "
-                          f"({_load_error_detail(err)})") from err
-    if not isinstance(state, dict) or "config" not in state or "model" not in state:
-        raise ExportError(f"{checkpoint_path} is not a fastswav training checkpoint "
-                          "(no 'config' and 'model' entries)")
+    state = _read_checkpoint(checkpoint_path)
     cfg = Config.from_dict(state["config"])
     _check_exportable(cfg, target)
     exported = trunk_state_dict(state["model"])
@@ -176,14 +158,30 @@ def export_trunk(checkpoint_path, target: str = "torchvision",
     return exported
 
 
+def _read_checkpoint(checkpoint_path) -> dict:
+    """A fastswav training checkpoint's contents; FileNotFoundError or :class:`ExportError`
+    with one line for a missing, junk, truncated or foreign file."""
+    from .checkpoint import load_checkpoint
+
+    try:
+        state = load_checkpoint(checkpoint_path, map_location="cpu")
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # junk, truncated or foreign files
+        raise ExportError(f"{checkpoint_path} could not be read as a checkpoint "
+                          f"({load_error_detail(err)})") from err
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise ExportError(f"{checkpoint_path} is not a fastswav training checkpoint "
+                          "(no 'config' and 'model' entries)")
+    return state
+
+
 def _own_library(checkpoint_path) -> str:
     """The library of the checkpoint's trunk; ExportError for a built-in ResNet (which both
     libraries can hold, so --to must say)."""
-    from .checkpoint import load_checkpoint
     from .model import parse_arch
 
-    state = load_checkpoint(checkpoint_path, map_location="cpu")
-    arch = (state.get("config") or {}).get("arch", "") if isinstance(state, dict) else ""
+    arch = (_read_checkpoint(checkpoint_path)["config"] or {}).get("arch", "")
     library = parse_arch(arch)[0] if arch else ""
     if not library:
         raise ExportError("--to torchvision or --to timm: the built-in ResNets load into either")
@@ -196,7 +194,7 @@ def default_output_path(checkpoint_path, target: str) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = UsageParser(
         prog="python -m fastswav.export",
         description=(
             "Write the trunk of a fastswav checkpoint as a state dict that loads into a "
@@ -227,10 +225,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.target is None:
             args.target = _own_library(args.checkpoint)
         state = export_trunk(args.checkpoint, args.target)
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
-    except RuntimeError as err:  # a shape mismatch in the load check
-        sys.exit(f"error: {str(err).splitlines()[0]}")
+    except (FileNotFoundError, ValueError, RuntimeError) as err:  # RuntimeError: a shape
+        fail(err)                                                      # mismatch in the load check
     output = Path(args.output) if args.output else default_output_path(args.checkpoint, args.target)
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, output)

@@ -18,14 +18,21 @@ Exit codes of ``python -m fastswav.train`` (also in ``--help`` and docs/training
   the current step and writing a checkpoint; run the same command again to resume.
 
 With several processes each failure is reported once, by rank 0 (for a lost peer, by the
-lowest rank still answering), and every rank exits with the same status.
+lowest rank still answering), and every rank exits with the same status. Under
+``torchrun --max-restarts=N`` an error that every attempt meets alike (status 2: a bad
+command line, a memory refusal) is printed by the first attempt only (:func:`said_before`);
+torchrun itself exits 1 whenever a worker failed, its summary naming the workers' statuses.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 import signal
+import tempfile
 import threading
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -38,6 +45,28 @@ EXIT_PEER_FAILED = 69
 EXIT_DISK_FULL = 74
 EXIT_PREEMPTED = 75
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def said_before(line: str) -> bool:
+    """Whether an earlier attempt of this torchrun launch already printed ``line``.
+
+    torchrun restarts the whole group after any failure, so an error that no restart can
+    change would be printed once per attempt (four times under ``--max-restarts=3``). The
+    first attempt leaves a marker named by the run id and the line in the temporary folder;
+    a restarted attempt that finds it stays quiet. Outside torchrun, or without restarts,
+    nothing is remembered."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not run_id or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) == 0:
+        return False
+    digest = hashlib.sha256(f"{run_id}\0{line}".encode()).hexdigest()[:20]
+    marker = Path(tempfile.gettempdir()) / f"fastswav-said-{digest}"
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0 and marker.exists():
+        return True
+    try:
+        marker.touch()
+    except OSError:
+        pass  # a read-only temporary folder: said again on a restart, nothing worse
+    return False
 
 
 class Preempted(Exception):

@@ -32,9 +32,11 @@ import time
 import traceback
 from typing import Dict, List, Optional, Sequence
 
+from .cli import UsageParser, fail
+
 log = logging.getLogger("fastswav")
 
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_CHECK_FAILED = 0, 1
 
 
 def _version(module_name: str) -> Optional[str]:
@@ -410,7 +412,7 @@ def format_text(report: dict) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = UsageParser(
         prog="python -m fastswav.info",
         description="Versions, GPUs and the fast paths this machine takes (paste into a bug "
                     "report).",
@@ -470,8 +472,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             print(memory_report(args.preset, rest, args.processes, args.device), flush=True)
         except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            fail(exc)
         return EXIT_OK
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)

@@ -36,6 +36,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .cli import UsageParser, fail
+
 log = logging.getLogger("fastswav")
 
 LOG_NAME = "log.jsonl"
@@ -329,7 +331,7 @@ def plot_neighbors(run_dir, output=None, n_queries: int = 6, k: int = 5,
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = UsageParser(
         prog="python -m fastswav.plot",
         description=(
             "Draw a training run's log.jsonl as PNGs: loss.png (logged steps and epoch means), "
@@ -358,18 +360,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.neighbors:
         if args.queries < 1 or args.k < 1:
-            sys.exit("error: --queries and --k must be >= 1")
+            fail("--queries and --k must be >= 1")
         output = Path(args.output) / NEIGHBORS_NAME if args.output else None
         try:
             path = plot_neighbors(args.run_dir, output, args.queries, args.k)
         except (PlotError, OSError) as err:
-            sys.exit(f"error: {err}")
+            fail(err)
         print(f"wrote {path}")
         return 0
     try:
         written = plot_run(args.run_dir, args.output, args.x_axis)
     except (PlotError, OSError) as err:
-        sys.exit(f"error: {err}")
+        fail(err)
     for path in written.values():
         print(f"wrote {path}")
     return 0

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._callable import make_callable
+from .cli import UsageParser
 from .checkpoint import (NoReadableCheckpoint, check_room, checkpoint_path, find_resumable,
                          free_bytes, load_checkpoint, prune_checkpoints,
                          queue_path, remove_stale_temporaries, save_checkpoint,
@@ -38,7 +39,7 @@ from .distributed import (DistInfo, PeerFailed, agree_on_error, decided_by_main,
                           shutdown, sync_bn_group)
 from .faults import (EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PEER_FAILED, EXIT_PREEMPTED, DiskFull,
                      Diverged, NonFiniteTracker, PreemptionHandler, Preempted, code_entropy_ratio,
-                     looks_collapsed)
+                     looks_collapsed, said_before)
 from .loss import SwAVLoss
 from .model import arch_prefers_channels_last, build_model, parse_arch
 from .ops.sinkhorn import swav_codes
@@ -59,7 +60,7 @@ class UsageError(ValueError):
 def _preset_in(argv: Optional[Sequence[str]]) -> str:
     """The --preset of a command line (the default when absent or unknown), read before the
     full parser is built so that --help can show that preset's values."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = UsageParser(add_help=False)
     pre.add_argument("--preset", default=DEFAULT_PRESET)
     name = pre.parse_known_args(argv)[0].preset
     return name if name in PRESETS else DEFAULT_PRESET
@@ -67,7 +68,7 @@ def _preset_in(argv: Optional[Sequence[str]]) -> str:
 
 def _parser(preset_name: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
     presets = "\n".join(f"  {name:<17} {desc}" for name, (desc, _) in PRESETS.items())
-    parser = argparse.ArgumentParser(
+    parser = UsageParser(
         prog="python -m fastswav.train",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="SwAV self-supervised pretraining. Without --preset, runs the CPU demo "
@@ -296,6 +297,8 @@ def build_data(cfg: Config, dist_info: DistInfo, device: torch.device):
                              "image folder or a .beton), or run once on a machine with internet "
                              "access so torchvision can download CIFAR-10") from None
         raise UsageError(str(exc)) from None
+    except ValueError as exc:  # no images, an unknown layout
+        raise UsageError(str(exc)) from None
     need = cfg.global_batch(dist_info.world_size)
     if len(source) < need:
         raise UsageError(
@@ -325,7 +328,10 @@ def build_data(cfg: Config, dist_info: DistInfo, device: torch.device):
         from .data.batched_multicrop import BatchedMultiCrop
         from .data.resident import ResidentImages, ResidentMultiCropLoader
 
-        images = ResidentImages.from_source(source, device=device)
+        try:
+            images = ResidentImages.from_source(source, device=device)
+        except ValueError as exc:  # not one readable image
+            raise UsageError(str(exc)) from None
         augment = BatchedMultiCrop(**crop_args, channels_last=use_channels_last(cfg, device),
                                    out_dtype=training_crop_dtype(device.type))
         loader = ResidentMultiCropLoader(images, augment, cfg.batch_size, seed=cfg.seed,
@@ -900,8 +906,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg, preset_name, resume = parse_args(argv)
         run(cfg, preset_name, resume)
-    except UsageError as exc:
-        _report(f"error: {exc}", _reports())
+    except UsageError as exc:  # the same in every restart: said once per launch
+        line = f"error: {exc}"
+        _report(line, _reports() and not said_before(line))
         return 2
     except Diverged as exc:
         _report(f"error: {exc}", _reports())

@@ -13,12 +13,10 @@ from PIL import Image
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# The folder holding cifar10-jpeg.zip: $FASTSWAV_SHARED_DATA, else the data folder beside the
-# repository, else .data/ in it (where `make test` writes the zip when there is none).
-_BESIDE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-_WRITTEN = os.path.join(os.path.dirname(__file__), "..", ".data")
-SHARED_DATA = os.environ.get("FASTSWAV_SHARED_DATA") or (
-    _BESIDE if os.path.isdir(_BESIDE) or not os.path.isdir(_WRITTEN) else _WRITTEN)
+# The folder holding cifar10-jpeg.zip: $FASTSWAV_SHARED_DATA (`make test` sets it), else .data/
+# in the repository (where `make test` writes the zip when there is none).
+SHARED_DATA = os.environ.get("FASTSWAV_SHARED_DATA") or os.path.join(
+    os.path.dirname(__file__), "..", ".data")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -99,3 +97,18 @@ def loss_and_grads(fn, emb, protos, grad_out, **kwargs):
     loss = fn(e, c, **kwargs)
     loss.backward(grad_out)
     return loss.detach(), e.grad, c.grad
+
+
+@pytest.fixture
+def usage_error(capsys):
+    """``usage_error(main, argv)``: runs a command's ``main`` on bad input, asserts that it
+    ended with exit status 2 and one ``error:`` line on stderr, and returns that line."""
+    def run(main, argv):
+        try:
+            status = main(list(argv))
+        except SystemExit as exit_:
+            status = exit_.code
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert status == 2 and len(err) == 1 and err[0].startswith("error: "), (status, err)
+        return err[0]
+    return run

@@ -411,8 +411,10 @@ def test_resident_images_from_source():
     assert resident.images.shape == (3, 3, 8, 10) and resident.n_unreadable == 1
     assert torch.equal(resident.images[1], torch.from_numpy(same[1]).permute(2, 0, 1))
     mixed = same[:1] + [rng.integers(0, 256, (20, 6, 3), dtype=np.uint8)]
-    with pytest.raises(ValueError, match="canvas_size"):
-        ResidentImages.from_source(_MemorySource(mixed))
+    # Mixed sizes without canvas_size: a square canvas of the median shorter side (8, 6 -> 7).
+    auto = ResidentImages.from_source(_MemorySource(mixed))
+    assert auto.images.shape == (2, 3, 7, 7) and auto.original_sizes.tolist() == [[8, 10], [20, 6]]
+    assert ResidentImages.from_source(_MemorySource(mixed), max_canvas=5).images.shape[2:] == (5, 5)
     resident = ResidentImages.from_source(_MemorySource(mixed), canvas_size=(8, 8))
     assert resident.images.shape == (2, 3, 8, 8)
     assert resident.original_sizes.tolist() == [[8, 10], [20, 6]]

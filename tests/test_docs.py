@@ -1,7 +1,8 @@
 """The documentation speaks of the project, and what it names exists.
 
-README.md, docs/*.md and benchmarks/*.md: no words about how the project was made (sessions,
-lent machines, issue numbers, paths outside the repository); every ``python -m MODULE`` names
+README.md, docs/*.md, benchmarks/*.md and the Makefile: no words about how the project was
+made (sessions, lent or borrowed machines, calls and minutes on them, workstations, local
+package indexes, paths outside the repository); every ``python -m MODULE`` names
 a module that imports; every relative link resolves (headings included); the README's file
 paths, make targets and preset table match the repository; the resume rules in
 docs/training.md are the code's.
@@ -29,8 +30,19 @@ FORBIDDEN = [
     (re.compile(r"issue\s*#", re.I), "an issue number"),
     (re.compile(r"\bissues?\s+\d", re.I), "an issue number"),
     (re.compile(r"\.\./shared"), "a path outside the repository"),
-    (re.compile(r"/work/"), "a path outside the repository"),
+    (re.compile(r"/work/|/etc/xdg|/opt/"), "a path outside the repository"),
+    (re.compile(r"borrow", re.I), "a borrowed machine"),
+    (re.compile(r"workstation", re.I), "a workstation"),
+    (re.compile(r"package index|local wheels?\b|constraint file", re.I), "how packages come here"),
+    (re.compile(r"\bthe GPU machines\b|\bto the GPU machine\b|versions the GPU runs", re.I),
+     "the project's GPU machines"),
+    (re.compile(r"\bwarm (machine|for)\b|stays? warm", re.I), "a machine kept warm between calls"),
+    (re.compile(r"\bis one call\b|\bcalls? (to|on) the (machine|GPU)\b|warm for", re.I),
+     "calls to a machine"),
+    (re.compile(r"\bbudget\b(?! *-s)|minutes? of (GPU|device)|device time|GPU minutes", re.I),
+     "a budget of machine time"),
 ]
+
 
 
 def _rel(path: Path) -> str:
@@ -45,7 +57,16 @@ def _page_params():
     return [pytest.param(page, id=_rel(page)) for page in _pages()]
 
 
-@pytest.mark.parametrize("page", _page_params())
+def _scanned_params():
+    # docs/device_check.md is rewritten as user documentation of the GPU check in its own
+    # change; until then the scan fails there (strict: once it passes, this mark must go).
+    marks = {"docs/device_check.md": pytest.mark.xfail(
+        strict=True, reason="words about borrowed GPU time, until its rewrite lands")}
+    return [pytest.param(page, id=_rel(page), marks=marks.get(_rel(page), ()))
+            for page in [*_pages(), REPO / "Makefile"]]
+
+
+@pytest.mark.parametrize("page", _scanned_params())
 def test_pages_speak_of_the_project_only(page):
     found = []
     for number, line in enumerate(page.read_text().splitlines(), 1):
@@ -180,3 +201,8 @@ def test_training_doc_lists_exactly_the_fields_that_may_change_on_resume():
     listed = re.findall(r"`(\w+)`", line)
     assert listed == sorted(listed)
     assert set(listed) == set(RESUME_MAY_CHANGE)
+
+
+def test_readme_stays_within_200_lines():
+    lines = len(README.read_text().splitlines())
+    assert lines <= 200, f"README.md has {lines} lines"

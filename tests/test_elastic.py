@@ -119,13 +119,14 @@ def test_killed_worker_restarts_and_ends_with_the_uninterrupted_weights(tiny_fol
     deadline = time.monotonic() + 400
     with _torchrun(log, [*args, "--output-dir", str(out)], max_restarts=kills) as proc:
         killed = set()
-        for epoch in range(1, kills + 1):
-            # Each time a new epoch's checkpoint appears, SIGKILL the (new) rank 1.
+        for epoch, rank in zip(range(1, kills + 1), (1, 0, 1)):
+            # Each time a new epoch's checkpoint appears, SIGKILL the (new) rank 1, then rank 0
+            # (the one that picks the checkpoint and writes them), then rank 1 again.
             _wait_for(lambda: checkpoint_path(out, epoch).exists(), deadline, proc,
                       f"checkpoint {epoch}")
-            _wait_for(lambda: _workers(proc.pid).get(1) not in (None, *killed), deadline, proc,
-                      "a live rank 1")
-            victim = _workers(proc.pid)[1]
+            _wait_for(lambda: _workers(proc.pid).get(rank) not in (None, *killed), deadline, proc,
+                      f"a live rank {rank}")
+            victim = _workers(proc.pid)[rank]
             os.kill(victim, signal.SIGKILL)
             killed.add(victim)
         assert proc.wait(timeout=max(1.0, deadline - time.monotonic())) == 0, log.read_text()[-3000:]
@@ -193,6 +194,38 @@ def test_no_readable_checkpoint_is_one_line_and_one_exit_status(tiny_folder, tmp
     assert err0.count("error:") == 1 and "no readable checkpoint" in err0, err0
     assert "Traceback" not in err0 + err1 and "error:" not in err1, err1
     assert (out / (checkpoint_path(out, 1).name + ".damaged")).is_file()
+
+
+@pytest.mark.slow
+def test_an_error_every_restart_meets_is_said_once_per_launch(tiny_folder, tmp_path):
+    """Under --max-restarts=2 a bad input fails all three attempts alike: one error: line for
+    the launch, every worker's exit status 2 in torchrun's summary (torchrun exits 1)."""
+    log = tmp_path / "restarts.log"
+    args = ["--data", str(tmp_path / "no_such_folder"), *RECIPE, "--epochs=1",
+            "--output-dir", str(tmp_path / "run")]
+    with _torchrun(log, args, max_restarts=2) as proc:
+        assert proc.wait(timeout=300) == 1, log.read_text()[-3000:]
+    text = log.read_text()
+    assert text.count("error: data path not found") == 1, text[-3000:]
+    assert re.search(r"exitcode\s*:\s*2\b", text), text[-3000:]
+    assert text.count("failed (exitcode: 2)") == 3, text[-3000:]  # three attempts
+
+
+def test_said_before_remembers_a_line_per_launch_and_only_under_restarts(monkeypatch):
+    from fastswav.faults import said_before
+
+    line = f"error: a line of this test {time.time()}"
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert not said_before(line) and not said_before(line)  # no torchrun: always said
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", f"run{os.getpid()}")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert not said_before(line)  # the first attempt says it
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert said_before(line)  # a restart does not
+    assert not said_before(line + " (another line)")  # a new error is said
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", f"other{os.getpid()}")
+    assert not said_before(line)  # another launch says it again
 
 
 def test_full_disk_keeps_earlier_checkpoints_exits_74_and_resumes(tiny_folder, tmp_path, monkeypatch, capsys):
@@ -278,6 +311,32 @@ def test_join_ignores_a_dead_attempts_keys():
     first = attempt(3)
     second = attempt(3)
     assert set(first.values()) == {1} and set(second.values()) == {2}, (first, second)
+
+
+def test_runs_sharing_a_store_keep_their_keys_apart(monkeypatch):
+    """Two runs on one store (two launches with one rendezvous endpoint): each run's handshake
+    lives under its own TORCHELASTIC_RUN_ID and counts its generations alone."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+
+    def attempt(run_id, world=2):
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", run_id)
+        space = distributed.run_key_space()
+        assert space == f"fastswav/{run_id}"
+        got = {}
+        threads = [threading.Thread(target=lambda r=r: got.__setitem__(r, distributed._fresh_generation(
+            torch.distributed.PrefixStore(space, torch.distributed.TCPStore(
+                "127.0.0.1", store.port, is_master=False)), r, world, 20.0))) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        return got
+
+    assert attempt("swav-a") == {0: 1, 1: 1}
+    assert attempt("swav-b") == {0: 1, 1: 1}  # not generation 2: run a's keys are not seen
+    assert attempt("swav-a") == {0: 2, 1: 2}
+    assert store.check(["fastswav/swav-a/leader", "fastswav/swav-b/leader"])
+    assert not store.check(["fastswav/leader"])
 
 
 def test_progress_is_plain_lines_off_a_terminal(tiny_folder, tmp_path, capsys):

@@ -83,7 +83,7 @@ def test_standard_width_written_out_is_accepted(tmp_path):
     _assert_same_features(net, model.trunk)
 
 
-def test_cli_writes_the_state_dict_and_refuses_in_one_line(tmp_path, capsys):
+def test_cli_writes_the_state_dict_and_refuses_in_one_line(tmp_path, capsys, usage_error):
     path, _ = _checkpoint(tmp_path, arch="resnet18")
     output = tmp_path / "out" / "trunk.pt"
     assert export_main([str(path), "--to", "torchvision", "--output", str(output)]) == 0
@@ -96,10 +96,7 @@ def test_cli_writes_the_state_dict_and_refuses_in_one_line(tmp_path, capsys):
     not_a_checkpoint.write_bytes(b"not a torch file")
     for args in ([str(small), "--to", "torchvision"], [str(tmp_path / "missing.pt"), "--to", "timm"],
                  [str(not_a_checkpoint), "--to", "torchvision"]):
-        with pytest.raises(SystemExit) as exit_info:
-            export_main(args)
-        message = str(exit_info.value.code)
-        assert message.startswith("error: ") and "\n" not in message, message
+        usage_error(export_main, args)
 
 
 def test_timm_export_without_timm_skips_only_the_load_check(tmp_path, monkeypatch):

@@ -153,13 +153,11 @@ def test_embed_reads_flat_unlabelled_folders_and_zips(vit_run, tiny_folder, tmp_
     (["--checkpoint", "nowhere", "--data", ".", "--out", "e.pt"], "checkpoint not found"),
     (["--checkpoint", ".", "--data", ".", "--out", "e.pt"], "no checkpoint in ."),
 ])
-def test_embed_errors_are_one_line(argv, message, tmp_path, monkeypatch):
+def test_embed_errors_are_one_line(argv, message, tmp_path, monkeypatch, usage_error):
     from fastswav.embed import main
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert str(info.value.code).startswith("error: ") and message in str(info.value.code)
+    assert message in usage_error(main, argv)
 
 
 def test_embed_refuses_an_unknown_format_before_any_work(vit_run, tiny_folder):
@@ -167,15 +165,14 @@ def test_embed_refuses_an_unknown_format_before_any_work(vit_run, tiny_folder):
         fastswav.embed(vit_run, tiny_folder, "out.parquet")
 
 
-def test_neighbor_picture_cli(vit_run, tmp_path, capsys):
+def test_neighbor_picture_cli(vit_run, tmp_path, capsys, usage_error):
     from fastswav.plot import main
 
     assert main([str(vit_run), "--neighbors", "--queries", "3", "--k", "2",
                  "--output", str(tmp_path)]) == 0
     picture = Image.open(tmp_path / "neighbors.png")
     assert picture.format == "PNG" and picture.height >= 3 * 48
-    with pytest.raises(SystemExit, match="no checkpoint"):
-        main([str(tmp_path), "--neighbors"])
+    assert "no checkpoint" in usage_error(main, [str(tmp_path), "--neighbors"])
 
 
 def test_knn_takes_a_run_folder_and_the_shared_zip(mobilenet_run, shared_data, capsys):
@@ -190,7 +187,8 @@ def test_knn_takes_a_run_folder_and_the_shared_zip(mobilenet_run, shared_data, c
 
 @pytest.mark.parametrize("module", ["knn", "linear"])
 def test_evaluation_reads_the_demos_download_cifar10_like_training(module, mobilenet_run,
-                                                                  tmp_path, monkeypatch):
+                                                                  tmp_path, monkeypatch,
+                                                                  usage_error):
     import importlib
 
     import fastswav.data.sources as sources
@@ -204,9 +202,8 @@ def test_evaluation_reads_the_demos_download_cifar10_like_training(module, mobil
 
     monkeypatch.setattr(sources, "open_source", fake_open)
     monkeypatch.setenv("FASTSWAV_DATA_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(SystemExit, match="offline"):
-        importlib.import_module(f"fastswav.eval.{module}").main(
-            ["--checkpoint", str(run), "--data", sources.CIFAR10_DOWNLOAD])
+    assert "offline" in usage_error(importlib.import_module(f"fastswav.eval.{module}").main,
+                                    ["--checkpoint", str(run), "--data", sources.CIFAR10_DOWNLOAD])
     assert opened[0] == (str(tmp_path / "cache" / "cifar10"), "torchvision-cifar10")
 
 
@@ -225,7 +222,8 @@ def test_linear_probe_reads_betons(mobilenet_run, tiny_folder, tmp_path, capsys)
     assert "linear top-1:" in capsys.readouterr().out
 
 
-def test_export_writes_each_library_its_own_layout(mobilenet_run, vit_run, tmp_path):
+def test_export_writes_each_library_its_own_layout(mobilenet_run, vit_run, tmp_path,
+                                                    usage_error):
     import timm
     import torchvision
 
@@ -240,5 +238,5 @@ def test_export_writes_each_library_its_own_layout(mobilenet_run, vit_run, tmp_p
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, patch_size=4, depth=1,
                             embed_dim=32, num_heads=2)
     vit.load_state_dict(torch.load(tmp_path / "t.pt", weights_only=True))  # strict
-    with pytest.raises(SystemExit, match="export it --to timm"):
-        main([str(vit_run / "checkpoint_epoch0002.pt"), "--to", "torchvision"])
+    assert "export it --to timm" in usage_error(
+        main, [str(vit_run / "checkpoint_epoch0002.pt"), "--to", "torchvision"])

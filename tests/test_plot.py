@@ -59,10 +59,9 @@ def test_figures_without_data_are_skipped_and_cli_writes_to_output(tmp_path, cap
     assert capsys.readouterr().out.count("wrote ") == 3
 
 
-def test_missing_log_and_missing_matplotlib_are_one_line_errors(tmp_path, monkeypatch):
-    with pytest.raises(SystemExit) as exit_info:
-        plot.main([str(tmp_path)])
-    assert str(exit_info.value.code).startswith("error: no log.jsonl in ")
+def test_missing_log_and_missing_matplotlib_are_one_line_errors(tmp_path, monkeypatch,
+                                                               usage_error):
+    assert usage_error(plot.main, [str(tmp_path)]).startswith("error: no log.jsonl in ")
     _write_log(tmp_path / "run")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
     with pytest.raises(PlotError, match="matplotlib is not installed"):

@@ -30,7 +30,7 @@ FIELDS = (IMAGE, LABEL, ORIG_HEIGHT, ORIG_WIDTH)
 
 DEBIAN_PACKAGES = "pkg-config libturbojpeg0-dev libopencv-dev"
 INSTALL_HINT = (f"install it with: apt-get install -y {DEBIAN_PACKAGES} && "
-                f"pip install --no-build-isolation ffcv  (or: make ffcv)")
+                f"pip install --no-build-isolation ffcv==1.0.2  (or: make ffcv)")
 
 
 class FFCVUnavailableError(ImportError):

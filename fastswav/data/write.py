@@ -32,6 +32,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from ..cli import UsageParser
 from .beton import (FIELDS, IMAGE, INSTALL_HINT, LABEL, ORIG_HEIGHT, ORIG_WIDTH, BetonFile,
                     BetonWriter, FFCVUnavailableError, drop_rows, import_ffcv)
 from .sources import KINDS, SPLITS, ImageSource, open_source
@@ -292,15 +293,8 @@ def _write_with_ffcv(samples: "_Samples", order: np.ndarray, path: str, max_reso
     writer.from_indexed_dataset(samples, indices=order, chunksize=chunk_size)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``error: ...`` and exit status 2."""
-
-    def error(self, message):  # noqa: D401 - argparse's hook
-        self.exit(2, f"error: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = UsageParser(
         prog="python -m fastswav.data.write",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(

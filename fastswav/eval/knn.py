@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from fastswav.cli import UsageParser, fail
 from fastswav.data.sources import ImageSource, UnreadableImageError
 from fastswav.eval.common import add_probe_arguments, open_probe_inputs
 
@@ -98,7 +99,7 @@ def extract_features(trunk: torch.nn.Module, data, transform: Optional[Callable]
     finally:
         trunk.train(was_training)
     if not features:
-        raise RuntimeError("no readable image to extract features from")
+        raise ValueError("no readable image to extract features from")
     return torch.cat(features), torch.cat(labels)
 
 
@@ -227,7 +228,7 @@ def knn_eval(trunk: torch.nn.Module, train_source: ImageSource, test_source: Ima
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = UsageParser(
         prog="python -m fastswav.eval.knn",
         description=(
             "Weighted kNN top-1 of a pretrained trunk: features of the training images are "
@@ -265,17 +266,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in ("k", "batch_size", "max_train", "max_test"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be >= 1, got {value}")
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.temperature <= 0:
-        sys.exit(f"error: --temperature must be > 0, got {args.temperature}")
+        fail(f"--temperature must be > 0, got {args.temperature}")
     if args.num_workers < 0:
-        sys.exit(f"error: --num-workers must be >= 0, got {args.num_workers}")
+        fail(f"--num-workers must be >= 0, got {args.num_workers}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     train_source, test_source, trunk, image_size, device = open_probe_inputs(args, "kNN")
-    top1 = knn_eval(trunk, train_source, test_source, image_size, k=args.k,
-                    temperature=args.temperature, batch_size=args.batch_size, device=device,
-                    max_train=args.max_train, max_test=args.max_test,
-                    num_workers=args.num_workers)
+    try:
+        top1 = knn_eval(trunk, train_source, test_source, image_size, k=args.k,
+                        temperature=args.temperature, batch_size=args.batch_size, device=device,
+                        max_train=args.max_train, max_test=args.max_test,
+                        num_workers=args.num_workers)
+    except ValueError as err:  # no readable image, no shared class
+        fail(err)
     print(f"kNN top-1: {top1:.2f}%")
     return 0
 

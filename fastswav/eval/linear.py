@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fastswav.cli import UsageParser, fail
 from fastswav.data.sources import ImageSource
 from fastswav.eval.common import add_probe_arguments, open_probe_inputs
 from fastswav.eval.knn import (_collate_readable, _EvalImages, _test_labels_in_train_classes,
@@ -253,7 +254,7 @@ def official_linear_eval(trunk: nn.Module, train_source: ImageSource, test_sourc
     finally:
         trunk.train(was_training)
     if total == 0:
-        raise RuntimeError("no readable test image")
+        raise ValueError("no readable test image")
     return 100.0 * correct / total
 
 
@@ -292,7 +293,7 @@ def _float_list(text: str):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = UsageParser(
         prog="python -m fastswav.eval.linear",
         description=(
             "Linear probe of a pretrained trunk: a linear classifier on frozen trunk features, "
@@ -351,13 +352,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in ("batch_size", "max_train", "max_test", "steps", "epochs"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be >= 1, got {value}")
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.num_workers < 0:
-        sys.exit(f"error: --num-workers must be >= 0, got {args.num_workers}")
+        fail(f"--num-workers must be >= 0, got {args.num_workers}")
     if not 0 < args.val_fraction < 1:
-        sys.exit(f"error: --val-fraction must lie in (0, 1), got {args.val_fraction}")
+        fail(f"--val-fraction must lie in (0, 1), got {args.val_fraction}")
     if args.lr <= 0 or args.weight_decay < 0:
-        sys.exit("error: --lr must be > 0 and --weight-decay >= 0")
+        fail("--lr must be > 0 and --weight-decay >= 0")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     train_source, test_source, trunk, image_size, device = open_probe_inputs(
         args, "the linear probe")
@@ -366,20 +367,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if mode == "auto":
         mode = "fast" if n_train <= FAST_MODE_MAX_IMAGES else "official"
     log.info("linear probe: %s mode, %d training images, image size %d", mode, n_train, image_size)
-    if mode == "fast":
-        result = fast_linear_eval(
-            trunk, train_source, test_source, image_size, weight_decays=args.weight_decays,
-            steps=args.steps, val_fraction=args.val_fraction, batch_size=args.batch_size,
-            device=device, num_workers=args.num_workers, max_train=args.max_train,
-            max_test=args.max_test, seed=args.seed)
-        top1 = result["top1"]
-        log.info("linear probe: weight decay %g", result["weight_decay"])
-    else:
-        top1 = official_linear_eval(
-            trunk, train_source, test_source, image_size, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-            weight_decay=args.weight_decay, device=device, num_workers=args.num_workers,
-            max_train=args.max_train, max_test=args.max_test, seed=args.seed)
+    try:
+        if mode == "fast":
+            result = fast_linear_eval(
+                trunk, train_source, test_source, image_size, weight_decays=args.weight_decays,
+                steps=args.steps, val_fraction=args.val_fraction, batch_size=args.batch_size,
+                device=device, num_workers=args.num_workers, max_train=args.max_train,
+                max_test=args.max_test, seed=args.seed)
+            top1 = result["top1"]
+            log.info("linear probe: weight decay %g", result["weight_decay"])
+        else:
+            top1 = official_linear_eval(
+                trunk, train_source, test_source, image_size, epochs=args.epochs,
+                batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                weight_decay=args.weight_decay, device=device, num_workers=args.num_workers,
+                max_train=args.max_train, max_test=args.max_test, seed=args.seed)
+    except ValueError as err:  # no readable image, no shared class
+        fail(err)
     print(f"linear top-1: {top1:.2f}%")
     return 0
 
