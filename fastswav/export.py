@@ -130,16 +130,6 @@ def check_loads_into(state: Dict[str, torch.Tensor], net: torch.nn.Module) -> No
                           f"{missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}")
 
 
-def _load_error_detail(err: Exception) -> str:
-    """One line out of torch.load's error: the weights-only unpickler's actual complaint,
-    not the paragraph of advice around it."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for i, line in enumerate(lines[:-1]):
-        if "WeightsUnpickler error" in line:
-            return f"torch.load: {lines[i + 1]}"
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"
-
-
 def export_trunk(checkpoint_path, target: str = "torchvision",
                  verify: bool = True) -> "OrderedDict[str, torch.Tensor]":
     """The trunk of a fastswav checkpoint as a state dict for ``target`` ('torchvision' or
@@ -150,22 +140,12 @@ def export_trunk(checkpoint_path, target: str = "torchvision",
     either way). Raises FileNotFoundError for a missing checkpoint and
     :class:`ExportError` (a ValueError) when the trunk cannot map onto the target.
     """
-    from .checkpoint import load_checkpoint
-    from .config import Config
+    from .official import read_pretrained
 
-    try:
-        state = load_checkpoint(checkpoint_path, map_location="cpu")
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # junk, truncated or foreign files
-        raise ExportError(f"{checkpoint_path} could not be read as a checkpoint "
-                          f"({_load_error_detail(err)})") from err
-    if not isinstance(state, dict) or "config" not in state or "model" not in state:
-        raise ExportError(f"{checkpoint_path} is not a fastswav training checkpoint "
-                          "(no 'config' and 'model' entries)")
-    cfg = Config.from_dict(state["config"])
+    pretrained = read_pretrained(checkpoint_path)  # any layout; one-line ValueError otherwise
+    cfg = pretrained.config
     _check_exportable(cfg, target)
-    exported = trunk_state_dict(state["model"])
+    exported = trunk_state_dict(pretrained.model_state)
     if verify:
         try:
             build = target_constructor(cfg.arch, target)
@@ -179,11 +159,10 @@ def export_trunk(checkpoint_path, target: str = "torchvision",
 def _own_library(checkpoint_path) -> str:
     """The library of the checkpoint's trunk; ExportError for a built-in ResNet (which both
     libraries can hold, so --to must say)."""
-    from .checkpoint import load_checkpoint
     from .model import parse_arch
+    from .official import read_pretrained
 
-    state = load_checkpoint(checkpoint_path, map_location="cpu")
-    arch = (state.get("config") or {}).get("arch", "") if isinstance(state, dict) else ""
+    arch = read_pretrained(checkpoint_path).config.arch
     library = parse_arch(arch)[0] if arch else ""
     if not library:
         raise ExportError("--to torchvision or --to timm: the built-in ResNets load into either")
