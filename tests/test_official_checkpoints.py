@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import randomise_batchnorm_
 from PIL import Image
 
-from fastswav.config import Config
 from fastswav.model import SwAVModel, load_trunk_from_checkpoint
 from fastswav.official import EXPECTED_KEYS, init_model_from, read_pretrained
 
@@ -28,15 +28,7 @@ def reference():
     """A torchvision ResNet-50 with random weights and BatchNorm statistics (so the running
     buffers count in the comparison), in eval mode."""
     torch.manual_seed(0)
-    net = torchvision.models.resnet50()
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.1, 0.1)
-    return net.eval()
+    return randomise_batchnorm_(torchvision.models.resnet50()).eval()
 
 
 def _official_weights(net, head=True, prototypes=True):

@@ -231,17 +231,19 @@ def _all_sum(values: List[float], device, enabled: bool) -> List[float]:
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, loader, device, distributed: bool,
-             label_map: Optional[torch.Tensor] = None) -> Tuple[float, float]:
-    """(top-1, top-5) in percent over the loader's images, summed over all processes."""
+def evaluate(net: nn.Module, loader, device, distributed: bool, train_source,
+             test_source) -> Tuple[float, float]:
+    """(top-1, top-5) in percent over the loader's images, summed over all processes (test
+    labels matched to the training classes by name)."""
+    from fastswav.eval.knn import _test_labels_in_train_classes
+
     net.eval()
     correct1 = correct5 = total = 0
     for batch in loader:
         if batch is None:
             continue
         images, labels = batch
-        if label_map is not None:
-            labels = label_map[labels]
+        labels = _test_labels_in_train_classes(train_source, test_source, labels)
         logits = net(images.to(device, non_blocking=True)).float().cpu()
         correct1 += _topk_correct(logits, labels, 1)
         correct5 += _topk_correct(logits, labels, 5)
@@ -263,14 +265,6 @@ def _open_data(cfg: FinetuneConfig):
             raise ValueError(f"fine-tuning needs labelled images; the {name} images in "
                              f"{source.path} have no labels")
     return train_source, test_source
-
-
-def _label_map(train_source, test_source) -> Optional[torch.Tensor]:
-    """Test labels in the training classes' numbering (by name; -1: a class never trained)."""
-    if list(train_source.classes) == list(test_source.classes):
-        return None
-    index = {name: i for i, name in enumerate(train_source.classes)}
-    return torch.tensor([index.get(name, -1) for name in test_source.classes])
 
 
 def _write_json_line(path: Path, record: dict) -> None:
@@ -398,7 +392,6 @@ def _run(cfg, resume, pretrained, trunk, train_source, test_source, subset, how,
                            test_indices[dist_info.rank::dist_info.world_size])
     test_loader = DataLoader(test_set, batch_size=cfg.batch_size * 2, shuffle=False,
                              num_workers=cfg.workers, collate_fn=_collate_readable, pin_memory=pin)
-    label_map = _label_map(train_source, test_source)
     steps = len(train_loader)
     if cfg.steps_per_epoch:
         steps = min(steps, cfg.steps_per_epoch)
@@ -436,7 +429,8 @@ def _run(cfg, resume, pretrained, trunk, train_source, test_source, subset, how,
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"the loss diverged in epoch {epoch + 1}: lower --lr/--lr-head")
         train_seconds = time.perf_counter() - tick
-        top1, top5 = evaluate(net, test_loader, device, dist_info.enabled, label_map)
+        top1, top5 = evaluate(net, test_loader, device, dist_info.enabled, train_source,
+                              test_source)
         scheduler.step()
         if top1 > best["top1"]:
             best = {"top1": top1, "top5": top5, "epoch": epoch + 1}
