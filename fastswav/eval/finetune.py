@@ -502,7 +502,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m fastswav.eval.finetune",
         description=(
-            "Fine-tune a pretrained trunk and a new linear layer on 1 %% or 10 %% of the "
+            "Fine-tune a pretrained trunk and a new linear layer on 1 % or 10 % of the "
             "training labels, with the SwAV paper's semi-supervised recipe as defaults "
             "(20 epochs, batch 32 per process, SGD momentum 0.9, no weight decay, lr 0.01 "
             "trunk / 0.2 new layer, x0.2 after epochs 12 and 16, RandomResizedCrop + flip, "
