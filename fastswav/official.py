@@ -85,7 +85,7 @@ def _unknown_layout(path, found) -> ValueError:
                       f"found {shown or 'no keys'}")
 
 
-def _resnet_shape(state: Dict[str, torch.Tensor]) -> Tuple[str, int, bool]:
+def _resnet_shape(path, state: Dict[str, torch.Tensor]) -> Tuple[str, int, bool]:
     """(arch, trunk_width, small_images) of a ResNet state dict in torchvision's key names."""
     from .model import _DEPTHS
 
@@ -98,7 +98,7 @@ def _resnet_shape(state: Dict[str, torch.Tensor]) -> Tuple[str, int, bool]:
         if list(layers) == depths and (block.expansion == 4) == bottleneck:
             break
     else:
-        raise ValueError(f"a ResNet with {depths} blocks per stage "
+        raise ValueError(f"{path}: a ResNet with {depths} blocks per stage "
                          f"({'bottleneck' if bottleneck else 'basic'} blocks) is none of "
                          f"{', '.join(_DEPTHS)}")
     stem = state["conv1.weight"]
@@ -122,10 +122,11 @@ def _check_trunk_fits(path, cfg, trunk_state: Dict[str, torch.Tensor]) -> None:
                   if unexpected else
                   f"{wrong[0]} is {tuple(trunk_state[wrong[0]].shape)}, "
                   f"{tuple(expected[wrong[0]].shape)} expected")
+        wide = (" (the official wide nets RN50w2/w4/w5 widen the bottleneck's inner "
+                "convolutions too, which fastswav's wide ResNets do not)" if cfg.trunk_width else "")
         raise ValueError(f"{path}: the ResNet weights do not fit fastswav's {cfg.arch}"
-                         f"{f' (trunk_width {cfg.trunk_width})' if cfg.trunk_width else ''}: "
-                         f"{detail} (the official wide nets RN50w2/w4/w5 widen the bottleneck's "
-                         "inner convolutions, which fastswav's resnet50wN do not)")
+                         f"{f' with trunk_width {cfg.trunk_width}' if cfg.trunk_width else ''}: "
+                         f"{detail}{wide}")
 
 
 def _from_resnet_state(path, state: Dict[str, torch.Tensor], wrapped: bool) -> Pretrained:
@@ -139,7 +140,7 @@ def _from_resnet_state(path, state: Dict[str, torch.Tensor], wrapped: bool) -> P
         raise _unknown_layout(path, state)
     extras = ("projection_head.", "prototypes.")
     official = wrapped or prefixed or any(k.startswith(extras) for k in state)
-    arch, width, small = _resnet_shape(state)
+    arch, width, small = _resnet_shape(path, state)
     trunk = {f"trunk.{k}": v for k, v in state.items()
              if k.startswith(("conv1.", "bn1.")) or k.startswith(tuple(s + "." for s in _STAGES))}
     head = {"head." + k[len("projection_head."):]: v for k, v in state.items()
@@ -156,8 +157,9 @@ def _from_resnet_state(path, state: Dict[str, torch.Tensor], wrapped: bool) -> P
     if isinstance(state.get("prototypes.weight"), torch.Tensor):
         prototypes = {"prototypes.weight": state["prototypes.weight"]}
         fields.update(n_prototypes=int(prototypes["prototypes.weight"].shape[0]))
-        if head and prototypes["prototypes.weight"].shape[1] != fields["out_dim"]:
-            prototypes = {}
+        fields.setdefault("out_dim", int(prototypes["prototypes.weight"].shape[1]))
+        if prototypes["prototypes.weight"].shape[1] != fields["out_dim"]:
+            prototypes = {}  # they do not take this head's output
     cfg = Config(**fields)
     trunk_only = {k[len("trunk."):]: v for k, v in trunk.items()}
     _check_trunk_fits(path, cfg, trunk_only)

@@ -106,6 +106,30 @@ def test_loaded_trunk_computes_what_torchvision_computes(reference, checkpoints,
     assert torch.equal(_features(trunk.eval(), images), _torchvision_features(reference, images))
 
 
+def test_depth_and_stem_are_read_off_the_shapes(tmp_path):
+    torch.manual_seed(0)
+    net = randomise_batchnorm_(torchvision.models.resnet18()).eval()
+    path = tmp_path / "resnet18.pth"
+    torch.save(net.state_dict(), path)
+    pretrained = read_pretrained(path)
+    assert (pretrained.layout, pretrained.config.arch) == ("torchvision", "resnet18")
+    trunk, _ = load_trunk_from_checkpoint(path)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    net.fc = torch.nn.Identity()
+    assert torch.equal(_features(trunk.eval(), images), _features(net, images))
+
+    # A ResNet of no known depth, and weights of another shape, are refused in one line.
+    cut = {k: v for k, v in net.state_dict().items() if not k.startswith("layer4.1.")}
+    torch.save(cut, path)
+    with pytest.raises(ValueError, match=r"a ResNet with \[2, 2, 2, 1\] blocks per stage"):
+        read_pretrained(path)
+    wrong = dict(net.state_dict(), **{"layer2.0.conv1.weight": torch.zeros(128, 64, 1, 1)})
+    torch.save(wrong, path)
+    with pytest.raises(ValueError, match=r"layer2.0.conv1.weight is \(128, 64, 1, 1\), "
+                                         r"\(128, 64, 3, 3\) expected"):
+        read_pretrained(path)
+
+
 def test_init_from_loads_trunk_head_and_prototypes_where_shaped_alike(reference, checkpoints):
     model = SwAVModel("resnet50", HIDDEN, OUT, PROTOTYPES)
     lines = init_model_from(model, checkpoints["official-run-checkpoint"])
