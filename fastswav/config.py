@@ -74,6 +74,7 @@ class Config:
     seed: int = field(default=31, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     output_dir: str = field(default="", metadata={"help": "run folder (default runs/<preset>)"})
+    init_from: str = field(default="", metadata={"help": "start a new run from pretrained weights: a fastswav checkpoint, an official SwAV checkpoint (swav_800ep_pretrain.pth.tar) or a torchvision ResNet state dict; the trunk must fit, the head and prototypes are taken where shaped alike. Not a resume: the run keeps its own schedule from epoch 0 (ignored when the run folder holds a checkpoint to resume)"})
     keep_checkpoints: int = field(default=3, metadata={"help": "epoch checkpoints kept in the run folder (0: all)"})
     log_every: int = field(default=20, metadata={"help": "steps between log records (and the only host syncs of the step loop)"})
     tensorboard: bool = field(default=True, metadata={"help": "also write TensorBoard scalars to RUN/tensorboard when the tensorboard package is installed"})
@@ -231,7 +232,7 @@ RESUME_MAY_CHANGE = frozenset({
     "sync_bn_group_size", "compile", "ddp_bucket_mb", "device", "output_dir",
     "keep_checkpoints", "log_every", "tensorboard", "nvtx", "profile", "knn_at_end", "knn_k",
     "knn_temperature", "knn_max_train", "knn_max_test", "loss_precision", "dist_timeout_s",
-    "checkpoint_activations",
+    "checkpoint_activations", "init_from",
 })
 
 

@@ -142,12 +142,12 @@ def export_trunk(checkpoint_path, target: str = "torchvision",
     either way). Raises FileNotFoundError for a missing checkpoint and
     :class:`ExportError` (a ValueError) when the trunk cannot map onto the target.
     """
-    from .config import Config
+    from .official import read_pretrained
 
-    state = _read_checkpoint(checkpoint_path)
-    cfg = Config.from_dict(state["config"])
+    pretrained = read_pretrained(checkpoint_path)  # any layout; one-line ValueError otherwise
+    cfg = pretrained.config
     _check_exportable(cfg, target)
-    exported = trunk_state_dict(state["model"])
+    exported = trunk_state_dict(pretrained.model_state)
     if verify:
         try:
             build = target_constructor(cfg.arch, target)
@@ -180,8 +180,9 @@ def _own_library(checkpoint_path) -> str:
     """The library of the checkpoint's trunk; ExportError for a built-in ResNet (which both
     libraries can hold, so --to must say)."""
     from .model import parse_arch
+    from .official import read_pretrained
 
-    arch = (_read_checkpoint(checkpoint_path)["config"] or {}).get("arch", "")
+    arch = read_pretrained(checkpoint_path).config.arch
     library = parse_arch(arch)[0] if arch else ""
     if not library:
         raise ExportError("--to torchvision or --to timm: the built-in ResNets load into either")

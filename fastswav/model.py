@@ -372,13 +372,9 @@ def build_model(cfg) -> SwAVModel:
 
 
 def load_trunk_from_checkpoint(path, map_location="cpu") -> Tuple[nn.Module, int]:
-    """The trunk of a fastswav training checkpoint, and the image size it trained on
-    (the size of its largest crops)."""
-    from .checkpoint import load_checkpoint
-    from .config import Config
+    """The trunk of a checkpoint of any layout fastswav reads (its own, the official SwAV
+    one, a torchvision ResNet state dict; :mod:`fastswav.official`), and the image size it
+    was trained at. ``map_location`` is kept for callers; weights load on the CPU."""
+    from .official import load_trunk
 
-    state = load_checkpoint(path, map_location=map_location)
-    cfg = Config.from_dict(state["config"])
-    model = build_model(cfg)
-    model.load_state_dict(state["model"])
-    return model.trunk, max(cfg.size_crops)
+    return load_trunk(path)

@@ -42,6 +42,7 @@ from .faults import (EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PEER_FAILED, EXIT_PREEM
                      looks_collapsed, said_before)
 from .loss import SwAVLoss
 from .model import arch_prefers_channels_last, build_model, parse_arch
+from .official import init_model_from
 from .ops.sinkhorn import swav_codes
 from .optim import LARS, lars_param_groups, learning_rate
 from .profiling import ProfileWindow, enable_nvtx, nvtx_range, parse_window
@@ -574,6 +575,13 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
     base_lr, final_lr, start_warmup = scaled_lr(cfg, dist_info.world_size)
 
     model = build_model(cfg).to(device)
+    if ckpt is None and cfg.init_from:  # a new run from pretrained weights, not a resume
+        try:
+            loaded = init_model_from(model, cfg.init_from)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(f"--init_from: {exc}") from None
+        if main:
+            print("\n".join(loaded), flush=True)
     if use_channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda" and cfg.sync_bn and dist_info.enabled:

@@ -112,3 +112,16 @@ def usage_error(capsys):
         assert status == 2 and len(err) == 1 and err[0].startswith("error: "), (status, err)
         return err[0]
     return run
+
+
+def randomise_batchnorm_(net):
+    """Random BatchNorm weights and running statistics (in place), so that comparisons of
+    loaded weights cover the running buffers too; returns ``net``."""
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.1, 0.1)
+    return net

@@ -3,6 +3,7 @@ missing and gives the fastswav trunk's features; trunks that cannot map are refu
 import pytest
 import torch
 import torchvision
+from conftest import randomise_batchnorm_
 
 from fastswav.checkpoint import save_checkpoint
 from fastswav.config import Config
@@ -16,14 +17,7 @@ def _checkpoint(tmp_path, **overrides):
     comparison also covers the running buffers), and the model it came from."""
     cfg = Config(hidden_dim=16, out_dim=8, n_prototypes=10, **overrides)
     torch.manual_seed(0)
-    model = build_model(cfg)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.1, 0.1)
+    model = randomise_batchnorm_(build_model(cfg))
     path = save_checkpoint({"epoch": 1, "model": model.state_dict(), "optimizer": {},
                             "config": cfg.to_dict(), "knn_init": None},
                            tmp_path / f"checkpoint_{cfg.arch}.pt")
