@@ -88,7 +88,10 @@ def test_a_broken_fast_path_fails_the_check_with_exit_1(monkeypatch, capsys):
 def test_bad_option_is_exit_2():
     done = subprocess.run([sys.executable, "-m", "fastswav.info", "--no-such-option"],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert done.returncode == 2 and "usage:" in done.stderr
+    # the one usage-error contract of every command: exit 2, one ``error:`` line naming it
+    err = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(err) == 1, (done.returncode, done.stderr)
+    assert err[0].startswith("error: ") and "--no-such-option" in err[0]
 
 
 def test_module_runs_as_a_command():
