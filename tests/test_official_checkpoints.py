@@ -286,10 +286,12 @@ def test_every_command_refuses_an_unknown_layout_in_one_line(foreign, images, tm
     assert _one_error_line(lambda: train_module.main(
         [*data, "--batch_size=2", "--workers=0", f"--output_dir={tmp_path / 't'}",
          f"--init_from={foreign}"]), capsys) == 2
-    # The exit status of these commands' errors is theirs to set; the line is the loader's.
-    _one_error_line(lambda: knn.main(["--checkpoint", str(foreign), *data]), capsys)
-    _one_error_line(lambda: linear.main(["--checkpoint", str(foreign), *data]), capsys)
-    _one_error_line(lambda: embed_module.main(["--checkpoint", str(foreign), *data,
-                                               "--out", str(tmp_path / "e.pt")]), capsys)
-    _one_error_line(lambda: export.main([str(foreign), "--to", "torchvision"]), capsys)
+    assert _one_error_line(lambda: knn.main(["--checkpoint", str(foreign), *data]), capsys) == 2
+    assert _one_error_line(lambda: linear.main(["--checkpoint", str(foreign), *data]),
+                           capsys) == 2
+    assert _one_error_line(lambda: embed_module.main(["--checkpoint", str(foreign), *data,
+                                                      "--out", str(tmp_path / "e.pt")]),
+                           capsys) == 2
+    assert _one_error_line(lambda: export.main([str(foreign), "--to", "torchvision"]),
+                           capsys) == 2
     assert not os.path.exists(tmp_path / "e.pt")

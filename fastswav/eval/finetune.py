@@ -49,6 +49,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from fastswav.cli import UsageParser, fail
+
 log = logging.getLogger("fastswav")
 
 SUBSET_NAME = "subset.txt"
@@ -473,14 +475,6 @@ def _run(cfg, resume, pretrained, trunk, train_source, test_source, subset, how,
 
 # --------------------------------------------------------------------------- command line
 
-class _Parser(argparse.ArgumentParser):
-    """Bad input ends in one ``error:`` line and exit status 2."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def _parse_value(f: dataclasses.Field, text: str):
     if f.type in ("bool", bool):
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -499,7 +493,7 @@ def _parse_value(f: dataclasses.Field, text: str):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = UsageParser(
         prog="python -m fastswav.eval.finetune",
         description=(
             "Fine-tune a pretrained trunk and a new linear layer on 1 % or 10 % of the "
@@ -539,9 +533,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = FinetuneConfig(**args)
         run(cfg, resume)
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else err}",
-              file=sys.stderr)
-        return 2
+        fail(err)
     return 0
 
 
