@@ -326,7 +326,8 @@ def _check_ffcv(device) -> str:
                                              min_scale=(0.3, 0.1), max_scale=(1.0, 0.3),
                                              device=device, num_workers=1)
         if not isinstance(loader, FFCVMultiCropLoader):
-            raise AssertionError("FFCV imports but the loader fell back to the reference path")
+            raise AssertionError("FFCV imports but the loader decodes with torchvision "
+                                 f"({type(loader).__name__})")
         loader.set_epoch(0)
         crops, _ = next(iter(loader))
         shapes = [tuple(c.shape) for c in crops]
