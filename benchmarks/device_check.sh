@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in three stages, each stopping itself within DEVICE_CHECK_BUDGET_S seconds
+# The GPU checks in four stages, each stopping itself within DEVICE_CHECK_BUDGET_S seconds
 # (285 by default), steps ordered by value, every step under its own time limit, results
 # copied out after each step. docs/device_check.md says what each step runs and how long it
 # takes on an H100.
@@ -9,6 +9,7 @@
 #   bash benchmarks/device_check.sh 3          # more benchmarks; needs the data subsets (below)
 #   bash benchmarks/device_check.sh 4          # the DINO-style teacher at DINOv3's shapes, the queue
 #   DEVICE_CHECK_DRY=1 bash benchmarks/device_check.sh 1   # dry run on a CPU (smoke options)
+#   PYTHON=.venv/bin/python ...                 # the interpreter to use (default python3)
 #   bash benchmarks/device_check.sh prepare-data DIR   # .devdata/ subsets for stage 3
 #
 # Stage 1 (limits in s):
@@ -25,7 +26,8 @@
 # Stage 3 (the install and build again where they do not import):
 #   bench_train   120  fastswav_eager and fastswav_compiled in reduce-overhead (no accumulation)
 #   bench_loss     60  the loss sweep
-#   bench_data     40  (DATA_ZIP), speedrun 60 (CIFAR_ZIP)
+#   bench_data     50  (DATA_ZIP) every data path at batch 256 on the GPU, 300 JPEGs
+#   speedrun       60  (CIFAR_ZIP) the 2-epoch fused cifar10_speedrun
 # Stage 4 (the install and build again where they do not import):
 #   bench_teacher 240  DINOv3's CLS and iBOT steps (K 65,536; ViT-7B 262,144 / 98,304) and the
 #                      DINOv2-like step, against DINOv3's plain code eager and compiled
@@ -269,7 +271,7 @@ elif [ "$STAGE" = 3 ]; then
   else
     run_step bench_train 120 "$PY" benchmarks/bench_train.py --variants official_eager,fastswav_eager,fastswav_compiled --modes reduce-overhead --warmup 8 --steps 20 --budget-s 0
     run_step bench_loss 60 "$PY" benchmarks/bench_loss.py --shapes 256:3000:0,64:3000:3840,256:1000:3840,256:10000:3840,256:30000:3840,512:3000:0 --reps 50
-    if [ -f "$DATA_ZIP" ]; then run_step bench_data 40 "$PY" benchmarks/bench_data.py --device cuda --quick --zip "$DATA_ZIP"
+    if [ -f "$DATA_ZIP" ]; then run_step bench_data 50 "$PY" benchmarks/bench_data.py --device cuda --zip "$DATA_ZIP" --images 300 --batch 256 --loader-batches 2 --repeats 3
     else say "step bench_data: skipped (no $DATA_ZIP: see prepare-data)"; SKIPPED+=" bench_data"; fi
     if [ -f "$CIFAR_ZIP" ]; then run_step speedrun 60 "$PY" benchmarks/speedrun_cifar10.py --data "$CIFAR_ZIP" --variants fused --epochs "${SPEEDRUN_EPOCHS:-2}"
     else say "step speedrun: skipped (no $CIFAR_ZIP: see prepare-data)"; SKIPPED+=" speedrun"; fi

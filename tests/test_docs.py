@@ -44,7 +44,6 @@ FORBIDDEN = [
 ]
 
 
-
 def _rel(path: Path) -> str:
     return path.relative_to(REPO).as_posix()
 
@@ -58,12 +57,7 @@ def _page_params():
 
 
 def _scanned_params():
-    # docs/device_check.md is rewritten as user documentation of the GPU check in its own
-    # change; until then the scan fails there (strict: once it passes, this mark must go).
-    marks = {"docs/device_check.md": pytest.mark.xfail(
-        strict=True, reason="words about borrowed GPU time, until its rewrite lands")}
-    return [pytest.param(page, id=_rel(page), marks=marks.get(_rel(page), ()))
-            for page in [*_pages(), REPO / "Makefile"]]
+    return [pytest.param(page, id=_rel(page)) for page in [*_pages(), REPO / "Makefile"]]
 
 
 @pytest.mark.parametrize("page", _scanned_params())
