@@ -6,13 +6,16 @@
 Runs ``fastswav.train`` with the demo preset (the README's figure) in a fresh output folder
 and appends rows to ``benchmarks/results/demo.csv``: ``knn_init_top1`` and
 ``knn_trained_top1`` (%), ``train_seconds`` (the run's own clock, first step to the last
-checkpoint), ``wall_seconds`` (the whole call: data, kNN before and after, the picture) and
-the 1-minute load average before and after the run, which says how busy the machine was.
+checkpoint), ``wall_seconds`` (the whole call: data, kNN before and after, the picture),
+``trunk_parameters``, the mean loss of the first and of the last epoch (``loss_first_epoch``,
+``loss_last_epoch``) and the 1-minute load average before and after the run, which says how
+busy the machine was.
 Record from a clean commit (the commit column says ``+dirty`` otherwise).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -23,6 +26,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ResultWriter, shape_key  # noqa: E402
+
+
+def _epoch_losses(log_path: Path) -> list[float]:
+    """The epoch-mean losses the run logged, in order."""
+    losses = []
+    for line in log_path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("event") == "epoch":
+            losses.append(float(record["loss"]))
+    if not losses:
+        raise SystemExit(f"error: no epoch record in {log_path}")
+    return losses
 
 
 def main() -> int:
@@ -36,6 +51,7 @@ def main() -> int:
 
     import fastswav
     from fastswav.config import preset
+    from fastswav.model import load_trunk_from_checkpoint
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as out:
@@ -44,6 +60,11 @@ def main() -> int:
         summary = fastswav.train(data=args.data, preset="demo", output_dir=out, resume=False,
                                  **fields)
         wall = time.perf_counter() - start
+        run_dir = Path(summary["run_dir"])
+        epoch_losses = _epoch_losses(run_dir / "log.jsonl")
+        last_checkpoint = sorted(run_dir.glob("checkpoint_epoch[0-9][0-9][0-9][0-9].pt"))[-1]
+        trunk, _ = load_trunk_from_checkpoint(last_checkpoint)
+        trunk_parameters = sum(p.numel() for p in trunk.parameters())
     load_after = os.getloadavg()[0]
     cfg = preset("demo")
     shape = shape_key(steps=cfg.epochs * cfg.steps_per_epoch, seed=cfg.seed,
@@ -55,6 +76,9 @@ def main() -> int:
     writer.add(variant, shape, "knn_trained_top1", summary["knn_trained"], "%")
     writer.add(variant, shape, "train_seconds", summary["train_seconds"], "s")
     writer.add(variant, shape, "wall_seconds", wall, "s")
+    writer.add(variant, shape, "trunk_parameters", trunk_parameters, "")
+    writer.add(variant, shape, "loss_first_epoch", epoch_losses[0], "")
+    writer.add(variant, shape, "loss_last_epoch", epoch_losses[-1], "")
     writer.add(variant, shape, "load_avg_1min_before", load_before, "")
     writer.add(variant, shape, "load_avg_1min_after", load_after, "")
     path = writer.write(Path(args.output) if args.output else None)
