@@ -20,12 +20,17 @@ COLUMNS = ["date", "commit", "device", "torch", "triton", "benchmark", "variant"
 
 
 def git_commit() -> str:
-    """Short commit of the checkout, with ``+dirty`` when it has uncommitted changes."""
+    """Short commit of the checkout, with ``+dirty`` when it has uncommitted changes.
+
+    ``benchmarks/results/`` does not count: every run appends to it, so a series of runs
+    from one clean commit would otherwise mark all rows but the first as dirty.
+    """
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
                              capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=root,
                                capture_output=True, text=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
