@@ -19,7 +19,8 @@ Cases (``--cases``, comma-separated; default ``dino``):
 
 ``--memory`` prints, for the iBOT step at [8192, 98304], [128, 262144] and [4096, 65536]
 (bf16 logits), the peak bytes the plain code and the fused drop-in allocate beyond their
-inputs (counted by ``fastswav.ops.allocations`` on meta tensors: exact, no GPU, no memory).
+inputs (counted by ``fastswav.ops.allocations`` on meta tensors: exact, no GPU, no memory),
+and appends them to ``benchmarks/results/bench_teacher_memory.csv``.
 
 The ``dino`` step: teacher logits ``[2B, K]`` -> Sinkhorn-Knopp targets (3 iterations, teacher
 temperature 0.07); student logits ``[10B, K]`` (2 global + 8 local crops) -> the mean over
@@ -266,13 +267,23 @@ def _jobs(args, device):
     return jobs
 
 
-def _print_memory_table():
+def _memory_table_rows() -> Path:
+    """Print the plain vs fused bytes table and append it to
+    ``benchmarks/results/bench_teacher_memory.csv`` (counted on meta tensors: no device)."""
+    writer = ResultWriter("bench_teacher_memory", torch.device("meta"))
+    writer.common["device"] = "meta (bytes counted with a GPU's launch grids, no device)"
     print("iBOT teacher step (Sinkhorn-Knopp targets, masked cross-entropy, backward), bf16 "
           "logits: peak bytes allocated beyond the inputs")
     print(f"{'rows x K':>16s} {'plain (DINOv3)':>16s} {'fused':>12s} {'plain/fused':>12s}")
     for (rows, k), plain, fused in memory_table():
         print(f"{rows:>7d} x {k:<6d} {plain / 2**30:13.2f} GiB {fused / 2**30:9.2f} GiB "
               f"{plain / fused:11.2f}x")
+        shape = shape_key(rows=rows, K=k, dtype="bf16")
+        writer.add("plain_dinov3", shape, "peak_bytes_beyond_inputs", plain, "B")
+        writer.add("fused", shape, "peak_bytes_beyond_inputs", fused, "B")
+    path = writer.write()
+    print(f"rows in {path}")
+    return path
 
 
 def _cases(text):
@@ -299,7 +310,8 @@ def main(argv=None):
                         help="comma-separated: dino, " + ", ".join(DINOV3_CASES)
                         + " (default: dino)")
     parser.add_argument("--memory", action="store_true",
-                        help="print the plain vs fused bytes table (no GPU needed) and exit")
+                        help="print the plain vs fused bytes table (no GPU needed), append it to "
+                        "benchmarks/results/bench_teacher_memory.csv and exit")
     parser.add_argument("--batches", type=lambda t: [int(b) for b in t.split(",")],
                         default=[128, 512], help="dino case: B per GPU, comma-separated")
     parser.add_argument("--prototypes", type=int, default=65536, help="dino case: K")
@@ -312,7 +324,7 @@ def main(argv=None):
                         help="with --cpu-smoke: append the (CPU) measurements to the CSV")
     args = parser.parse_args(argv)
     if args.memory:
-        _print_memory_table()
+        _memory_table_rows()
         return 0
     start = time.perf_counter()
 

@@ -158,3 +158,32 @@ def test_the_bound_fails_on_a_float32_temporary(monkeypatch, leak):
     small = record(fused_step, *SMALL_SHAPES[-1], torch.bfloat16, symbolic=False)
     with pytest.raises(AssertionError, match="rows, K"):
         check_bound(small, *SMALL_SHAPES[-1], torch.bfloat16)
+
+
+def test_memory_table_rows_land_in_the_results_csv(monkeypatch, tmp_path, capsys):
+    """``bench_teacher.py --memory`` writes the table it prints, one row per variant and
+    shape, so that docs/loss.md's memory table quotes recorded rows."""
+    import csv
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    benchmarks = Path(__file__).resolve().parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    spec = importlib.util.spec_from_file_location("bench_teacher_under_test",
+                                                  benchmarks / "bench_teacher.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys.modules["common"], "RESULTS_DIR", tmp_path)
+    assert bench.main(["--memory"]) == 0
+    with open(tmp_path / "bench_teacher_memory.csv") as f:
+        rows = list(csv.DictReader(f))
+    expected = bench.memory_table()
+    assert len(rows) == 2 * len(expected)
+    for (rows_k, plain, fused), plain_row, fused_row in zip(expected, rows[::2], rows[1::2]):
+        assert plain_row["variant"] == "plain_dinov3" and fused_row["variant"] == "fused"
+        assert plain_row["shape"] == fused_row["shape"] == f"rows={rows_k[0]} K={rows_k[1]} dtype=bf16"
+        assert float(plain_row["value"]) == pytest.approx(plain, rel=1e-5)
+        assert float(fused_row["value"]) == pytest.approx(fused, rel=1e-5)
+        assert plain_row["device"].startswith("meta")
+    assert "plain/fused" in capsys.readouterr().out
