@@ -2,9 +2,7 @@
 on an 80 GB card, the trainer's refusal, gradient accumulation and activation checkpointing."""
 import os
 import re
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -19,6 +17,9 @@ from fastswav.step import TrainStep
 from fastswav.train import main as train_main
 
 from conftest import tiny_config
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import bench_memory  # noqa: E402  (the measuring processes, shared with the benchmark)
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -45,67 +46,19 @@ def test_resnet50_saves_about_129_mib_per_multicrop_image_under_bf16():
     assert 120 * 2 ** 20 < per_image < 140 * 2 ** 20
 
 
-_PEAK_SCRIPT = textwrap.dedent("""
-    import json, os, sys
-    import torch
-    from fastswav.config import preset
-    from fastswav.loss import SwAVLoss
-    from fastswav.memory import estimate
-    from fastswav.model import build_model
-    from fastswav.step import TrainStep
-    from fastswav.train import build_optimizer
-
-    torch.set_num_threads(1)
-    batch, checkpointed = int(sys.argv[1]), sys.argv[2] == "1"
-    cfg = preset("demo").replace(batch_size=batch, trunk_width=32,
-                                 checkpoint_activations=checkpointed)
-    model = build_model(cfg)
-    step = TrainStep(model, SwAVLoss(cfg.total_crops, cfg.crops_for_assign),
-                     build_optimizer(cfg, model, 0.1))
-    shapes = [s for n, s in zip(cfg.n_crops, cfg.size_crops) for _ in range(n)]
-    step([torch.randn(2, 3, s, s) for s in shapes], None, 0.1, False)  # lazily made state
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    step([torch.randn(batch, 3, s, s) for s in shapes], None, 0.1, False)
-    # VmHWM is this process's own peak; ru_maxrss is not: Linux carries the parent's peak
-    # across fork and exec, so under a long pytest run it read the parent's size
-    with open("/proc/self/status") as f:
-        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    est = estimate(cfg, 1, "cpu")
-    # what the step adds to a process that holds the model, its gradients and momentum
-    added = est.total - est.parameters - est.gradients - est.optimizer_state
-    print(json.dumps({"measured": peak - before, "estimated": added}))
-""")
-
-
-def _measured_and_estimated(batch, checkpointed):
-    # A fixed mmap threshold: every large tensor is its own mapping, returned when freed, so
-    # the resident peak follows the live tensors (glibc's adaptive threshold otherwise keeps
-    # freed memory in the heap, and the peak moved by up to 50 % between identical runs).
-    env = dict(os.environ, FASTSWAV_BACKEND="reference", OMP_NUM_THREADS="1",
-               MALLOC_MMAP_THRESHOLD_="65536")
-    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(batch), str(int(checkpointed))],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    import json
-
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
-    return figures["measured"], figures["estimated"]
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_estimate_is_within_25_percent_of_a_measured_cpu_peak():
     """A real CPU training step (a width-32 ResNet-18 on the demo's crops, float32) at two
     batch sizes, each in a fresh process: the rise of the peak resident memory over the
-    process before the step, against the estimate of what a step adds. (Seen here, 2-core
-    AMD EPYC: estimate/measured 1.11 plain at both sizes, 1.63-1.65 checkpointed.)"""
+    process before the step, against the estimate of what a step adds
+    (``benchmarks/bench_memory.py`` records the figures)."""
     for batch in (96, 192):
-        measured, estimated = _measured_and_estimated(batch, checkpointed=False)
+        measured, estimated = bench_memory.step_peak(batch, checkpointed=False)
         assert abs(estimated - measured) <= 0.25 * measured, (batch, measured, estimated)
     # with activation checkpointing the estimate is an upper bound (every block input and
     # the largest block's activations at once)
-    measured, estimated = _measured_and_estimated(96, checkpointed=True)
+    measured, estimated = bench_memory.step_peak(96, checkpointed=True)
     assert measured <= estimated <= 2 * measured, ("checkpointed", measured, estimated)
 
 
@@ -206,41 +159,12 @@ def test_a_run_with_accumulation_and_checkpointing_trains(tiny_folder, tmp_path)
     assert (tmp_path / "run" / "checkpoint_epoch0001.pt").exists()
 
 
-_AUGMENT_PEAK_SCRIPT = textwrap.dedent("""
-    import json, os, sys
-    import torch
-    from fastswav.data.batched_multicrop import BatchedMultiCrop
-    from fastswav.memory import augment_peak_bytes
-
-    torch.set_num_threads(1)
-    batch, canvas = int(sys.argv[1]), int(sys.argv[2])
-    augment = BatchedMultiCrop(blur_prob=1.0)  # every crop blurred: the largest working set
-    augment(torch.randint(0, 256, (2, 3, canvas, canvas), dtype=torch.uint8),
-            torch.Generator().manual_seed(0))
-    images = torch.randint(0, 256, (batch, 3, canvas, canvas), dtype=torch.uint8)
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    crops = augment(images, torch.Generator().manual_seed(0))
-    with open("/proc/self/status") as f:
-        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    made = sum(c.numel() * c.element_size() for c in crops)  # counted as input crops
-    print(json.dumps({"measured": peak - before - made,
-                      "estimated": augment_peak_bytes(batch, canvas, (224, 96), (2, 6), "cpu")}))
-""")
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_the_augmentation_peak_is_within_25_percent_of_a_measured_cpu_peak():
-    """One batched multi-crop call (2x224 + 6x96, float32 on the CPU) in a fresh process.
-    (Seen here, 2-core AMD EPYC, canvas 320: estimate/measured 1.07 at 8 and 16 images.)"""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
-    done = subprocess.run([sys.executable, "-c", _AUGMENT_PEAK_SCRIPT, "8", "320"], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    import json
-
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
-    assert abs(figures["estimated"] - figures["measured"]) <= 0.25 * figures["measured"], figures
+    """One batched multi-crop call (2x224 + 6x96, float32 on the CPU) in a fresh process
+    (``benchmarks/bench_memory.py`` records the figures at 8 and 16 images)."""
+    measured, estimated = bench_memory.augment_peak(8, 320)
+    assert abs(estimated - measured) <= 0.25 * measured, (measured, estimated)
 
 
 def test_the_estimate_counts_the_decode_once_data_path(tmp_path, capsys):
