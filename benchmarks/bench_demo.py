@@ -2,6 +2,7 @@
 
     python benchmarks/bench_demo.py --data cifar10-jpeg.zip      # or download:cifar10
     python benchmarks/bench_demo.py --data cifar10-jpeg.zip --arch timm/regnetx_002:output_stride=8
+    python benchmarks/bench_demo.py --data cifar10-jpeg.zip --set epsilon=0.05 --set zero_init_residual=false
 
 Runs ``fastswav.train`` with the demo preset (the README's figure) in a fresh output folder
 and appends rows to ``benchmarks/results/demo.csv``: ``knn_init_top1`` and
@@ -9,7 +10,9 @@ and appends rows to ``benchmarks/results/demo.csv``: ``knn_init_top1`` and
 checkpoint), ``wall_seconds`` (the whole call: data, kNN before and after, the picture),
 ``trunk_parameters``, the mean loss of the first and of the last epoch (``loss_first_epoch``,
 ``loss_last_epoch``) and the 1-minute load average before and after the run, which says how
-busy the machine was.
+busy the machine was. ``--set FIELD=VALUE`` (repeatable) changes a field of the recipe, as
+``python -m fastswav.train --FIELD=VALUE`` would; the variant column names the changes
+(docs/demo.md's recipe study).
 Record from a clean commit (the commit column says ``+dirty`` otherwise).
 """
 from __future__ import annotations
@@ -46,17 +49,33 @@ def main() -> int:
                         help="CIFAR-10 as `make demo` reads it (default download:cifar10)")
     parser.add_argument("--arch", default=None,
                         help="another trunk in the demo's recipe (docs/own_data.md's table)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change a field of the demo recipe (repeatable), e.g. epsilon=0.05")
     parser.add_argument("--output", default=None, help="CSV (default benchmarks/results/demo.csv)")
     args = parser.parse_args()
 
     import fastswav
-    from fastswav.config import preset
+    from fastswav.config import parse_value, preset
     from fastswav.model import load_trunk_from_checkpoint
+
+    changes = {}
+    for item in args.set:
+        name, eq, text = item.partition("=")
+        if not eq:
+            parser.error(f"--set {item!r}: give FIELD=VALUE")
+        try:
+            changes[name.replace("-", "_")] = parse_value(name.replace("-", "_"), text)
+        except ValueError as exc:
+            parser.error(f"--set {item!r}: {exc}")
+    try:
+        cfg = preset("demo").replace(**changes)
+    except (TypeError, ValueError) as exc:
+        parser.error(f"--set: {exc}")
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        fields = {"arch": args.arch} if args.arch else {}
+        fields = dict(changes, arch=args.arch) if args.arch else dict(changes)
         summary = fastswav.train(data=args.data, preset="demo", output_dir=out, resume=False,
                                  **fields)
         wall = time.perf_counter() - start
@@ -66,11 +85,10 @@ def main() -> int:
         trunk, _ = load_trunk_from_checkpoint(last_checkpoint)
         trunk_parameters = sum(p.numel() for p in trunk.parameters())
     load_after = os.getloadavg()[0]
-    cfg = preset("demo")
     shape = shape_key(steps=cfg.epochs * cfg.steps_per_epoch, seed=cfg.seed,
                       knn_test=cfg.knn_max_test, data=Path(args.data).name,
                       threads=torch.get_num_threads())
-    variant = args.arch or "demo"
+    variant = " ".join([args.arch or "demo"] + args.set)
     writer = ResultWriter("demo", torch.device("cpu"))
     writer.add(variant, shape, "knn_init_top1", summary["knn_init"], "%")
     writer.add(variant, shape, "knn_trained_top1", summary["knn_trained"], "%")
