@@ -63,8 +63,9 @@ def main() -> int:
         name, eq, text = item.partition("=")
         if not eq:
             parser.error(f"--set {item!r}: give FIELD=VALUE")
+        name = name.replace("-", "_")
         try:
-            changes[name.replace("-", "_")] = parse_value(name.replace("-", "_"), text)
+            changes[name] = parse_value(name, text)
         except ValueError as exc:
             parser.error(f"--set {item!r}: {exc}")
     try:

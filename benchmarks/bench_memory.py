@@ -118,6 +118,14 @@ def augment_peak(batch: int, canvas: int) -> tuple[int, int]:
     return _measure(AUGMENT_SCRIPT, batch, canvas)
 
 
+def _report(writer, variant: str, shape: str, measured: int, estimated: int) -> None:
+    mib = 2 ** 20
+    print(f"{variant:18s} {shape}: measured {measured / mib:7.0f} MiB, "
+          f"estimated {estimated / mib:7.0f} MiB ({estimated / measured:.2f}x)", flush=True)
+    writer.add(variant, shape, "measured_bytes", measured, "B")
+    writer.add(variant, shape, "estimated_bytes", estimated, "B")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,23 +140,14 @@ def main(argv=None) -> int:
 
     writer = ResultWriter("bench_memory", torch.device("cpu"))
     mib = 2 ** 20
-    step_batches = (8,) if args.dry_run else (96, 192)
     for checkpointed in (False, True):
-        variant = "step_checkpointed" if checkpointed else "step"
-        for batch in step_batches:
-            measured, estimated = step_peak(batch, checkpointed)
-            print(f"{variant:18s} batch {batch:4d}: measured {measured / mib:7.0f} MiB, "
-                  f"estimated {estimated / mib:7.0f} MiB ({estimated / measured:.2f}x)", flush=True)
-            shape = shape_key(arch="resnet18", width=32, batch=batch, crops="2x32+4x16")
-            writer.add(variant, shape, "measured_bytes", measured, "B")
-            writer.add(variant, shape, "estimated_bytes", estimated, "B")
-    for batch in ((4,) if args.dry_run else (8, 16)):
-        measured, estimated = augment_peak(batch, 320)
-        print(f"{'augment':18s} batch {batch:4d}: measured {measured / mib:7.0f} MiB, "
-              f"estimated {estimated / mib:7.0f} MiB ({estimated / measured:.2f}x)", flush=True)
-        shape = shape_key(batch=batch, canvas=320, crops="2x224+6x96")
-        writer.add("augment", shape, "measured_bytes", measured, "B")
-        writer.add("augment", shape, "estimated_bytes", estimated, "B")
+        for batch in (8,) if args.dry_run else (96, 192):
+            _report(writer, "step_checkpointed" if checkpointed else "step",
+                    shape_key(arch="resnet18", width=32, batch=batch, crops="2x32+4x16"),
+                    *step_peak(batch, checkpointed))
+    for batch in (4,) if args.dry_run else (8, 16):
+        _report(writer, "augment", shape_key(batch=batch, canvas=320, crops="2x224+6x96"),
+                *augment_peak(batch, 320))
     (_, per_image), _ = memory.activation_bytes(preset("100ep"), "cuda")
     print(f"ResNet-50, 2x224 + 6x96, bf16: {per_image / mib:.1f} MiB saved per image")
     writer.add("resnet50_bf16", shape_key(crops="2x224+6x96"), "per_image_bytes", per_image, "B")

@@ -93,11 +93,6 @@ def _torchrun_launch_and_resume(tiny_folder, out):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_train_and_resume(tiny_folder, tmp_path):
-    _torchrun_launch_and_resume(tiny_folder, tmp_path / "ddp")
-
-
-@pytest.mark.slow
-def test_torchrun_launch_resume_cycle_repeated(tiny_folder, tmp_path):
     """A worker once aborted at exit ("terminate called without an active exception") in 3
     of some 40 launch-resume cycles on a loaded 2-core machine, and not since: repeat the
     cycle (FASTSWAV_RESUME_CYCLES times, 4 by default) so that CI would meet its return."""
