@@ -6,7 +6,7 @@ What "the same" means, measured on the sample: the file's rows (labels, stored a
 sizes) are equal; an image under the size cap is stored as the same JPEG bytes (both writers
 hand the same pixels to libjpeg-turbo at the same quality); the torchvision canvases equal
 PIL's decode of the stored JPEG exactly, and FFCV's within the error of the fast integer
-inverse DCT FFCV asks libjpeg-turbo for (at most 10 gray levels, ~1 on average).
+inverse DCT FFCV asks libjpeg-turbo for (asserted: at most 10 gray levels, under 1.5 on average).
 """
 from __future__ import annotations
 
