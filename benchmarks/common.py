@@ -37,6 +37,11 @@ def git_commit() -> str:
         return "unknown"
 
 
+# The checkout as the benchmark started: the code that ran. Read at import, so an edit made
+# while a long run goes on does not mark its rows dirty (nor a dirty start clean).
+COMMIT_AT_START = git_commit()
+
+
 def device_name(device: torch.device) -> str:
     """The card as torch names it, or ``cpu:<model> x<cores>``."""
     if device.type == "cuda":
@@ -73,7 +78,7 @@ class ResultWriter:
         self.benchmark = benchmark
         self.common = {
             "date": _dt.date.today().isoformat(),
-            "commit": git_commit(),
+            "commit": COMMIT_AT_START,
             "device": device_name(device),
             "torch": torch.__version__,
             "triton": triton_version(),
