@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._callable import make_callable
+from .autograd_engine import start_autograd_engine
 from .cli import UsageParser
 from .checkpoint import (NoReadableCheckpoint, check_room, checkpoint_path, find_resumable,
                          free_bytes, load_checkpoint, prune_checkpoints,
@@ -398,6 +399,7 @@ def run(cfg: Config, preset_name: str = DEFAULT_PRESET, resume: bool = True) -> 
     Raises :class:`fastswav.faults.Preempted` after saving a checkpoint on SIGTERM/SIGUSR1,
     and :class:`fastswav.faults.Diverged` when the loss becomes non-finite.
     """
+    start_autograd_engine()  # before the memory estimate: see fastswav/autograd_engine.py
     device = select_device(cfg.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
