@@ -4,8 +4,8 @@ The engine creates its per-device worker threads at the first ``backward()`` of 
 one for each device of the device types registered then, and each thread takes the GIL once
 to make its Python thread state. Two things make that a hazard at exit in a trainer:
 
-- on the CPU, the memory estimate's fake tensors make the engine count 8 devices, so the
-  first backward starts 8 threads that a CPU run never uses;
+- on the CPU, the memory estimate's fake tensors make the engine count 8 devices (torch
+  2.14), so the first backward starts 8 threads that a CPU run never uses;
 - in a short run (a test, a resumed run with one epoch left) the first backward comes a
   fraction of a second before the process exits (0.25 s in the two-process resume test), so a
   thread starved of CPU time can still be making its thread state while the interpreter

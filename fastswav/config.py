@@ -175,9 +175,8 @@ PRESETS: Dict[str, Tuple[str, Dict[str, typing.Any]]] = {
              # leaves the codes near uniform (seed 31, trained kNN 32.60 % at 0.05 and 34.35 %
              # at 0.02; with zero-init residual blocks 33.65 % and 35.45 %; docs/demo.md).
              epsilon=0.02, epochs=6, steps_per_epoch=100, batch_size=64,
-             # Plain SGD: at batch 64 LARS's trust ratio (0.001) makes steps too small for
-             # 600 iterations (seed 31, trained kNN 30.40 % with LARS, 35.45 % with SGD;
-             # benchmarks/results/demo.csv).
+             # Plain SGD: LARS (trust ratio 0.001) learned less at batch 64 in 600 iterations
+             # (seed 31, trained kNN 30.40 % with LARS, 35.45 % with SGD; docs/demo.md).
              optimizer="sgd", base_lr=0.3, final_lr=0.003, weight_decay=1e-5,
              warmup_epochs=1, start_warmup=0.03, freeze_prototypes_niters=60, log_every=20,
              knn_at_end=True, knn_max_train=10000, knn_max_test=2000),
