@@ -596,6 +596,7 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
     queue: Optional[FeatureQueue] = None
 
     start_epoch, start_step, knn_init = 0, 0, None
+    last_loss = float("nan")  # the mean loss of the last epoch trained
     if ckpt is not None:
         try:
             model.load_state_dict(state["model"])
@@ -608,6 +609,8 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
                 "new --output-dir") from None
         start_epoch, start_step = state["epoch"], state.get("step", 0)
         knn_init = state.get("knn_init")
+        # Re-running a finished run trains nothing; its summary still gives the loss.
+        last_loss = state.get("last_epoch_loss", last_loss)
         queue_file = queue_path(run_dir, start_epoch, dist_info.rank, start_step)
         if queue_len and queue_file.exists():
             queue = FeatureQueue(len(cfg.crops_for_assign), queue_len, cfg.out_dim, device=device)
@@ -656,7 +659,7 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
         loop.nonfinite.check(dist_info.enabled)  # never save a diverged model
         state = {"epoch": epochs_done, "step": steps_done, "model": unwrap(model).state_dict(),
                  "optimizer": optimizer.state_dict(), "config": cfg.to_dict(), "knn_init": knn_init,
-                 "world_size": dist_info.world_size}
+                 "last_epoch_loss": last_loss, "world_size": dist_info.world_size}
         path = checkpoint_path(run_dir, epochs_done, steps_done)
         set_phase(f"the write of {path.name}")
         # Queue files first: a checkpoint that exists always has its queues beside it. A
@@ -688,7 +691,6 @@ def _run(cfg: Config, preset_name: str, resume: bool, device: torch.device, dist
                             "unless space is freed", run_dir, f"{free:,}", f"{size:,}")
         return path
 
-    last_loss = float("nan")
     train_start = time.perf_counter()
     try:
         with loop.preemption:

@@ -49,6 +49,16 @@ def test_python_train_returns_the_run_and_its_metrics(mobilenet_run):
     assert picture.format == "PNG" and picture.width > 200 and picture.height > 100
 
 
+def test_calling_train_again_on_a_finished_run_gives_its_summary(mobilenet_run, tiny_folder):
+    """The same call again resumes a run with nothing left to train: it still reports the
+    run's loss and kNN figures, not NaN."""
+    out, first = mobilenet_run
+    again = fastswav.train(data=str(tiny_folder), output_dir=str(out), arch=TINY_MOBILENET,
+                           knn_at_end=True, knn_k=5, **TINY_FIELDS)
+    assert again["loss"] == first["loss"] and again["knn_init"] == first["knn_init"]
+    assert again["knn_trained"] == first["knn_trained"]
+
+
 def test_train_and_embed_are_callable_however_imported(tiny_folder, tmp_path):
     import fastswav.embed
     import fastswav.train
