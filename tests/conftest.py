@@ -89,6 +89,24 @@ def write_files(root, files):
     return str(root)
 
 
+# (size (w, h), PIL mode, file format) of the photos in a stand-in folder of own photos
+PHOTOS = [((64, 48), "RGB", "JPEG"), ((40, 72), "RGB", "JPEG"), ((50, 50), "L", "JPEG"),
+          ((80, 36), "CMYK", "JPEG"), ((45, 60), "RGBA", "PNG"), ((33, 47), "P", "PNG"),
+          ((70, 52), "LA", "PNG"), ((28, 28), "RGB", "PNG")]
+
+
+def write_photos(folder, copies=2):
+    """A folder of photos as a user has them: mixed sizes; grayscale, CMYK, palette, PNG with
+    alpha; ``copies`` x 8 random images."""
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True)
+    for copy in range(copies):
+        for i, ((w, h), mode, fmt) in enumerate(PHOTOS):
+            image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+            image.save(folder / f"photo{copy}_{i}.{'jpg' if fmt == 'JPEG' else 'png'}", fmt)
+    return folder
+
+
 def loss_and_grads(fn, emb, protos, grad_out, **kwargs):
     """(loss, embedding gradient, prototype gradient) of ``fn(emb, protos, **kwargs)`` on
     fresh leaf copies of the inputs, the loss back-propagated with ``grad_out``."""

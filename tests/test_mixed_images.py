@@ -1,27 +1,14 @@
 """A folder of own photos (mixed sizes; grayscale, CMYK, palette, PNG with alpha) trains with
 the default recipe and the README's command line, no flag added."""
-import numpy as np
 import pytest
-from PIL import Image
+from conftest import write_photos
 
 from fastswav.config import preset
-
-# (size (w, h), PIL mode, file format) of the photos in the folder
-PHOTOS = [((64, 48), "RGB", "JPEG"), ((40, 72), "RGB", "JPEG"), ((50, 50), "L", "JPEG"),
-          ((80, 36), "CMYK", "JPEG"), ((45, 60), "RGBA", "PNG"), ((33, 47), "P", "PNG"),
-          ((70, 52), "LA", "PNG"), ((28, 28), "RGB", "PNG")]
 
 
 @pytest.fixture
 def photos(tmp_path):
-    rng = np.random.default_rng(1)
-    folder = tmp_path / "my_photos"
-    folder.mkdir()
-    for copy in range(2):
-        for i, ((w, h), mode, fmt) in enumerate(PHOTOS):
-            image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
-            image.save(folder / f"photo{copy}_{i}.{'jpg' if fmt == 'JPEG' else 'png'}", fmt)
-    return folder
+    return write_photos(tmp_path / "my_photos")
 
 
 def test_the_default_recipe_is_the_batched_augmentation():
