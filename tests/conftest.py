@@ -4,6 +4,7 @@ Without CUDA, Triton kernels run under the interpreter; TRITON_INTERPRET must be
 any kernel module is imported, so it is set here, first.
 """
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +18,12 @@ if not torch.cuda.is_available():
 # in the repository (where `make test` writes the zip when there is none).
 SHARED_DATA = os.environ.get("FASTSWAV_SHARED_DATA") or os.path.join(
     os.path.dirname(__file__), "..", ".data")
+
+
+def pytest_terminal_summary(terminalreporter):
+    snippets = sys.modules.get("test_snippets")  # only when the snippet test was collected
+    if snippets is not None:
+        terminalreporter.write_line(snippets.count_line())
 
 
 def pytest_collection_modifyitems(config, items):

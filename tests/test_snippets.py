@@ -47,11 +47,18 @@ def _needs(code: str) -> bool:
     return bool(NEEDS.match(_first_line(code)))
 
 
-def test_blocks_are_found_and_counted():
+def count_line() -> str:
+    """How many blocks there are and which only compile; conftest prints it after the run."""
     compiled_only = [where for where, code in BLOCKS if _needs(code)]
-    print(f"\n{len(BLOCKS)} fenced Python blocks in README.md and docs/*.md: "
-          f"{len(BLOCKS) - len(compiled_only)} run, {len(compiled_only)} compiled only "
-          f"(# needs: {', '.join(compiled_only) or 'none'})")
+    stood_in = [where for where, _ in STAND_IN_BLOCKS]
+    return (f"{len(BLOCKS)} fenced Python blocks in README.md and docs/*.md: "
+            f"{len(BLOCKS) - len(compiled_only)} run as pasted, {len(stood_in)} run on "
+            f"stand-ins for the reader's photos and run ({', '.join(stood_in) or 'none'}), "
+            f"{len(compiled_only) - len(stood_in)} compiled only "
+            f"({', '.join(w for w in compiled_only if w not in stood_in) or 'none'})")
+
+
+def test_blocks_are_found_and_counted():
     assert len(BLOCKS) >= 10
     # Only what a CPU in an empty folder cannot have excuses a block from running.
     excuses = [(where, _first_line(code)) for where, code in BLOCKS if _needs(code)]
